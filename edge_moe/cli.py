@@ -1,0 +1,94 @@
+"""Command line: parses arguments and calls the API (convert, run, inspect)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge_moe.config import format_size, parse_size
+from edge_moe.errors import EdgeMoeError
+
+
+def _convert(args) -> None:
+    from edge_moe.convert import convert
+
+    out = convert(args.src, args.dst, scheme=args.scheme, group=args.group, force=args.force,
+                  progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def _run(args) -> None:
+    from edge_moe.api import load
+
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    model = load(args.model, memory_budget=budget)
+    if budget is not None:
+        print(f"[memory budget {format_size(budget)}: accepted; streaming under a budget is not "
+              "enforced yet]", file=sys.stderr)
+    print(args.prompt, end="", flush=True)
+    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, bits=args.bits,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+    if args.stats:
+        for key, value in model.stats.items():
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", file=sys.stderr)
+
+
+def _inspect(args) -> None:
+    from edge_moe.api import describe
+
+    d = describe(args.model)
+    by_bits = d.pop("expert_bytes_by_bits")
+    for key, value in d.items():
+        print(f"{key:32s} {value:,}" if isinstance(value, int) else f"{key:32s} {value}")
+    print("experts at each width (all layers):")
+    for bits, nbytes in by_bits.items():
+        total = nbytes + d["dense_bytes"]
+        print(f"  {bits} bits: experts {format_size(nbytes):>10s}   model {format_size(total):>10s}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint dir into an .emoe file")
+    c.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    c.add_argument("dst", help="output .emoe file")
+    c.add_argument("--scheme", default="msb", choices=["msb", "mwq"],
+                   help="nesting scheme: msb = slices of one 8-bit code (default, best measured "
+                        "quality), mwq = D2MoE residual sign planes")
+    c.add_argument("--group", type=int, default=128, help="quantization group size along inputs")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_convert)
+    r = sub.add_parser("run", help="generate text (the shipped demo model when MODEL is omitted)")
+    r.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--max-tokens", type=int, default=64)
+    r.add_argument("--bits", type=int, default=None, help="expert bit width 2..8 (default 8)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--memory-budget", default=None, help="e.g. 6GB, 6GiB, 512MB")
+    r.add_argument("--stats", action="store_true", help="print timing and I/O stats to stderr")
+    r.set_defaults(func=_run)
+    i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")
+    i.add_argument("model", nargs="?", default=None)
+    i.set_defaults(func=_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EdgeMoeError as e:
+        print(f"edge-moe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The .emoe container: a fixed header, a JSON manifest, then aligned blobs with CRC32 checksums.
+
+    [0:32)   magic "EDGEMOE\\0", u32 version, u32 crc32(manifest), u64 manifest length, u64 data offset
+    [32:..)  manifest (UTF-8 JSON): model config, quantization, expert layout, blob table
+    [data offset:)  blobs: tokenizer files, dense bf16 tensors, expert ranges (4 KiB aligned)
+
+Blob offsets in the manifest are relative to the data offset, so the manifest can be written
+before the data. Checksums are fixed-width hex strings, filled in place once the data is written.
+An expert range stores one checksum per level, so any prefix read can be verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from edge_moe.errors import FormatError
+
+MAGIC = b"EDGEMOE\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")
+DATA_ALIGN = 4096  # page: prefix reads of experts start page-aligned
+DENSE_ALIGN = 64
+_NO_CRC = "00000000"
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def crc_hex(data) -> str:
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def plan(base: dict, dense: dict[str, dict], files: dict[str, int], expert_layers: list[int],
+         num_experts: int, level_ends: list[int]) -> dict:
+    """Manifest with every blob's relative offset assigned: files, dense tensors, then experts."""
+    pos, manifest = 0, dict(base)
+    manifest["files"], manifest["dense"] = {}, {}
+    for name, nbytes in files.items():
+        manifest["files"][name] = {"offset": pos, "nbytes": nbytes, "crc32": _NO_CRC}
+        pos = _align(pos + nbytes, DENSE_ALIGN)
+    for name, spec in dense.items():
+        manifest["dense"][name] = {**spec, "offset": pos, "crc32": _NO_CRC}
+        pos = _align(pos + spec["nbytes"], DENSE_ALIGN)
+    offsets, crcs = [], []
+    for _ in expert_layers:
+        row = []
+        for _ in range(num_experts):
+            pos = _align(pos, DATA_ALIGN)
+            row.append(pos)
+            pos += level_ends[-1]
+        offsets.append(row)
+        crcs.append([[_NO_CRC] * len(level_ends) for _ in range(num_experts)])
+    manifest["experts"] = {"layers": list(expert_layers), "offsets": offsets, "crc32": crcs}
+    manifest["data_end"] = pos
+    return manifest
+
+
+def _header_bytes(manifest: dict) -> tuple[bytes, int]:
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    data_offset = _align(HEADER.size + len(text), DATA_ALIGN)
+    head = HEADER.pack(MAGIC, VERSION, zlib.crc32(text) & 0xFFFFFFFF, len(text), data_offset)
+    return head + text, data_offset
+
+
+class ContainerWriter:
+    """Writes a planned container at `path` blob by blob (any order); finish() seals it."""
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path, self.manifest = Path(path), manifest
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        head, self._data_offset = _header_bytes(manifest)
+        os.pwrite(self._fd, head, 0)
+        self._written: set = set()
+
+    def _put(self, key, rel_offset: int, data: bytes) -> None:
+        os.pwrite(self._fd, data, self._data_offset + rel_offset)
+        self._written.add(key)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        entry = self.manifest["files"][name]
+        assert len(data) == entry["nbytes"], name
+        entry["crc32"] = crc_hex(data)
+        self._put(("file", name), entry["offset"], data)
+
+    def write_dense(self, name: str, data: bytes) -> None:
+        entry = self.manifest["dense"][name]
+        assert len(data) == entry["nbytes"], (name, len(data), entry["nbytes"])
+        entry["crc32"] = crc_hex(data)
+        self._put(("dense", name), entry["offset"], data)
+
+    def write_expert(self, row: int, expert: int, data: bytes) -> None:
+        ends = self.manifest["expert_layout"]["level_ends"]
+        assert len(data) == ends[-1]
+        starts = [0] + ends[:-1]
+        view = memoryview(data)
+        self.manifest["experts"]["crc32"][row][expert] = [crc_hex(view[a:b]) for a, b in zip(starts, ends)]
+        self._put(("expert", row, expert), self.manifest["experts"]["offsets"][row][expert], data)
+
+    def finish(self) -> None:
+        """Check every blob was written, fill the checksums into the manifest, flush to disk."""
+        expected = len(self.manifest["files"]) + len(self.manifest["dense"]) + sum(
+            len(r) for r in self.manifest["experts"]["offsets"])
+        if len(self._written) != expected:
+            raise FormatError(f"{self.path}: {expected - len(self._written)} blobs were not written")
+        head, data_offset = _header_bytes(self.manifest)
+        assert data_offset == self._data_offset, "manifest changed size while filling checksums"
+        os.pwrite(self._fd, head, 0)
+        os.ftruncate(self._fd, data_offset + self.manifest["data_end"])
+        os.fsync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Container:
+    """A read-only .emoe file: the manifest in memory, blobs read on demand and verified."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"cannot open model file {self.path}: {e.strerror}") from None
+        self.manifest, self.data_offset = self._read_manifest()
+        self._check_size()
+        self._rows = {li: i for i, li in enumerate(self.manifest["experts"]["layers"])}
+        self._level_ends = self.manifest["expert_layout"]["level_ends"]
+
+    def _read_manifest(self) -> tuple[dict, int]:
+        head = os.pread(self._fd, HEADER.size, 0)
+        if len(head) < HEADER.size or head[:8] != MAGIC:
+            raise FormatError(f"{self.path} is not an edge-moe model file (bad magic); "
+                              "convert a checkpoint with `edge-moe convert`")
+        _, version, crc, length, data_offset = HEADER.unpack(head)
+        if version != VERSION:
+            raise FormatError(f"{self.path} has format version {version}; this edge-moe reads "
+                              f"version {VERSION}: convert the checkpoint again")
+        text = os.pread(self._fd, length, HEADER.size)
+        if len(text) < length or zlib.crc32(text) & 0xFFFFFFFF != crc:
+            raise FormatError(f"{self.path}: manifest is corrupt (checksum mismatch)")
+        return json.loads(text), data_offset
+
+    def _check_size(self) -> None:
+        size = os.fstat(self._fd).st_size
+        expected = self.data_offset + self.manifest["data_end"]
+        if size < expected:
+            raise FormatError(f"{self.path} is truncated: {size} bytes, expected {expected}; "
+                              "copy or convert it again")
+
+    def _read(self, rel_offset: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        buf = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
+        got = os.preadv(self._fd, [memoryview(buf)], self.data_offset + rel_offset)
+        if got != nbytes:
+            raise FormatError(f"{self.path}: short read at {rel_offset} ({got} of {nbytes} bytes)")
+        return buf
+
+    def _verify(self, data, crc: str, what: str) -> None:
+        if crc_hex(data) != crc:
+            raise FormatError(f"{self.path}: checksum mismatch in {what}; the file is corrupt, "
+                              "convert the checkpoint again")
+
+    def read_file(self, name: str) -> bytes | None:
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            return None
+        data = self._read(entry["offset"], entry["nbytes"])
+        self._verify(data, entry["crc32"], f"file {name}")
+        return data.tobytes()
+
+    def read_dense(self, name: str) -> np.ndarray:
+        """Raw bytes (uint8) of a dense tensor, checksum-verified."""
+        entry = self.manifest["dense"].get(name)
+        if entry is None:
+            raise FormatError(f"{self.path}: dense tensor {name!r} is missing")
+        data = self._read(entry["offset"], entry["nbytes"])
+        self._verify(data, entry["crc32"], f"tensor {name}")
+        return data
+
+    def expert_nbytes(self, levels: int) -> int:
+        return self._level_ends[levels - 1]
+
+    def read_expert(self, layer: int, expert: int, levels: int, out: np.ndarray | None = None,
+                    first_level: int = 1, verify: bool = True) -> np.ndarray:
+        """Read levels first_level..levels of one expert into `out` at their range offsets."""
+        row = self._rows[layer]
+        start = self._level_ends[first_level - 2] if first_level > 1 else 0
+        end = self._level_ends[levels - 1]
+        if out is None:
+            out = np.empty(end, dtype=np.uint8)
+        base = self.manifest["experts"]["offsets"][row][expert]
+        self._read(base + start, end - start, out[start:end])
+        if verify:
+            self._verify_levels(out, row, expert, first_level, levels, layer)
+        return out[:end]
+
+    def _verify_levels(self, buf, row, expert, first, last, layer) -> None:
+        crcs = self.manifest["experts"]["crc32"][row][expert]
+        for k in range(first, last + 1):
+            a = self._level_ends[k - 2] if k > 1 else 0
+            self._verify(buf[a:self._level_ends[k - 1]], crcs[k - 1],
+                         f"expert {expert} of layer {layer}, level {k}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,60 @@
+"""One config-driven MoE decoder: embedding, attention blocks, MoE or dense FFN, final norm, LM head."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from edge_moe.config import ModelConfig
+from edge_moe.errors import UnsupportedArchitecture
+from edge_moe.model.layers import KVCache, Rope, attention, linear, rms_norm, route, swiglu
+
+
+class Experts(Protocol):
+    """Computes sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for one MoE layer."""
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                 experts: torch.Tensor) -> torch.Tensor: ...
+
+
+class Decoder:
+    """Forward pass over dense weights `w` (internal names); routed experts come from `experts`."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], experts: Experts):
+        if cfg.hidden_act != "silu":
+            raise UnsupportedArchitecture(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+        self.cfg, self.w, self.experts = cfg, w, experts
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+        self.lm_head = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        return KVCache(self.cfg, max_tokens)
+
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p, w, cfg = f"layers.{layer}", self.w, self.cfg
+        if layer not in cfg.moe_layers:
+            return swiglu(x, w[f"{p}.mlp_gate_up"], w[f"{p}.mlp_down"])
+        weights, experts = route(x, w[f"{p}.router"], cfg)  # [T, K]
+        out = self.experts(layer, x, weights, experts)
+        if cfg.shared_expert_intermediate_size:
+            shared = swiglu(x, w[f"{p}.shared_gate_up"], w[f"{p}.shared_down"])
+            if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid gate per token
+                shared = torch.sigmoid(linear(x, w[f"{p}.shared_gate"])) * shared
+            out = out + shared
+        return out
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens ids [T] after the cache's tokens; logits [T, V] or of the last token [1, V]."""
+        cfg, w = self.cfg, self.w
+        if cache.length + len(ids) > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
+        h = w["embed"][ids].float()  # [T, D]
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}"
+            h = h + attention(rms_norm(h, w[f"{p}.attn_norm"], cfg.rms_norm_eps), w, cfg, i, cache, self.rope)
+            h = h + self.ffn(i, rms_norm(h, w[f"{p}.ffn_norm"], cfg.rms_norm_eps))
+        cache.length += len(ids)
+        h = h if all_logits else h[-1:]
+        return linear(rms_norm(h, w["final_norm"], cfg.rms_norm_eps), self.lm_head)

@@ -1,0 +1,91 @@
+"""Shared decoder layers: RMSNorm, rotary embeddings, grouped-query attention with a KV cache, router."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from edge_moe.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) in the weights' dtype, returned as float32 (the residual stream's dtype)."""
+    y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+    return y.float()
+
+
+class Rope:
+    """Rotary embeddings, rotate-half form as in transformers' llama-style models."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        t = x.shape[0]  # x [T, H, hd]
+        freqs = torch.arange(pos0, pos0 + t, dtype=torch.float32)[:, None] * self.inv_freq  # [T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * emb.cos() + rotated * emb.sin()
+
+
+class KVCache:
+    """Preallocated keys and values per layer: [L, S, KV, hd]; `length` tokens are filled."""
+
+    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype=torch.float32):
+        shape = (cfg.num_layers, max_tokens, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
+              rope: Rope) -> torch.Tensor:
+    """Causal GQA over the cache; x [T, D] are the tokens at positions cache.length..+T."""
+    t, pos0, p = x.shape[0], cache.length, f"layers.{layer}"
+    q = linear(x, w[f"{p}.q"], w.get(f"{p}.q_bias"))  # [T, H*hd]
+    k = linear(x, w[f"{p}.k"], w.get(f"{p}.k_bias"))  # [T, KV*hd]
+    v = linear(x, w[f"{p}.v"], w.get(f"{p}.v_bias"))
+    if cfg.qk_norm == "full":  # OLMoE normalizes the whole projection
+        q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
+    q = q.view(t, cfg.num_heads, cfg.head_dim)
+    k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":  # Qwen3 normalizes each head
+        q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
+    q, k = rope(q, pos0), rope(k, pos0)
+    cache.k[layer, pos0:pos0 + t] = k
+    cache.v[layer, pos0:pos0 + t] = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+    keys, values = cache.k[layer, :pos0 + t], cache.v[layer, :pos0 + t]  # [S, KV, hd]
+    mask = torch.arange(pos0 + t)[None, :] <= torch.arange(pos0, pos0 + t)[:, None]  # [T, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None].float(), values.transpose(0, 1)[None].float(),
+        attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)  # [1, H, T, hd]
+    return linear(out[0].transpose(0, 1).reshape(t, -1), w[f"{p}.o"])
+
+
+def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-then-top-k gate: (weights [T, K] float32, experts [T, K] int64)."""
+    probs = torch.softmax(linear(x, router), dim=-1)  # [T, E]
+    weights, experts = torch.topk(probs, cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, experts
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Dense SwiGLU MLP with fused gate_up [2I, D] and down [D, I]."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)

@@ -1,0 +1,1 @@
+"""Runtime layer: expert residency, MoE dispatch, sampling and generation state."""
