@@ -142,7 +142,8 @@ def group_coefficients(m: NestedMatrix, bits: int) -> tuple[np.ndarray, np.ndarr
     if m.scheme == "msb":
         coef = np.stack([s * float(2 ** (7 - p)) for p in range(bits)])
         return coef, lo + s * ((2 ** (MAX_BITS - bits) - 1) / 2)
-    a = m.alpha[: bits - BASE_BITS].astype(np.float32)
+    n_sign = bits - BASE_BITS
+    a = m.alpha[:n_sign].astype(np.float32) if n_sign else np.zeros((0, *s.shape), np.float32)
     coef = np.concatenate([np.stack([2 * s, s]), 2 * a])
     return coef, lo - a.sum(0)
 

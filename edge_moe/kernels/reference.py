@@ -25,3 +25,20 @@ def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int
     """SwiGLU expert at `bits`: down(silu(gate(x)) * up(x)), x [T, D] -> [T, D]."""
     gate, up = nested_matmul(layout, buf, "gate_up", x, bits).chunk(2, dim=-1)
     return nested_matmul(layout, buf, "down", F.silu(gate) * up, bits)
+
+
+def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.ndarray,
+            x: np.ndarray, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """All of a layer's active experts in one call.
+
+    slab [S, B] uint8 holds expert ranges (slot s = one expert's first levels); active expert j
+    lives in slot slots[j] and runs at bits[j] on tokens[ptr[j]:ptr[j+1]] (CSR), scaled by
+    weights[ptr[j]:ptr[j+1]]. x [T, D] float32 -> out [T, D] float32 = sum of weighted expert outputs.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    for j in range(len(slots)):
+        rows = torch.from_numpy(np.asarray(tokens[ptr[j]:ptr[j + 1]], dtype=np.int64))
+        y = expert_ffn(layout, slab[slots[j]], xt[rows], int(bits[j]))
+        out.index_add_(0, rows, y * torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]]))[:, None])
+    return out.numpy()

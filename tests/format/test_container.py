@@ -1,0 +1,138 @@
+"""The .emoe container and the converter: corrupt, truncated and bad inputs give clear errors."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import edge_moe
+from edge_moe.convert import convert
+from edge_moe.errors import CheckpointError, FormatError, UnsupportedArchitecture, UsageError
+from edge_moe.format.container import Container
+from tests.model.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src") / "hf"
+    save_tiny("qwen3_moe", d)
+    return d
+
+
+@pytest.fixture()
+def emoe(hf_dir, tmp_path):
+    return convert(hf_dir, tmp_path / "m.emoe", group=64, progress=False)
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(p.name.encode() + (p.read_bytes() if p.is_file() else b""))
+    return h.hexdigest()
+
+
+def test_round_trip_manifest_and_expert_ranges(emoe):
+    with Container(emoe) as c:
+        m = c.manifest
+        assert m["quant"]["scheme"] == "msb" and m["model"]["model_type"] == "qwen3_moe"
+        off = m["experts"]["offsets"][0]
+        assert all(o % 4096 == 0 for o in off)
+        assert c.read_expert(0, 1, 3).nbytes == m["expert_layout"]["level_ends"][2]
+
+
+def test_corrupted_expert_level_is_named(emoe):
+    with Container(emoe) as c:
+        where = c.data_offset + c.manifest["experts"]["offsets"][0][2] + c.expert_nbytes(2) + 5
+    with open(emoe, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with Container(emoe) as c:
+        c.read_expert(0, 2, 2)  # levels 1-2 are intact
+        with pytest.raises(FormatError, match="expert 2 of layer 0, level 3"):
+            c.read_expert(0, 2, 3)
+
+
+def test_corrupted_dense_tensor_is_named(emoe):
+    with Container(emoe) as c:
+        where = c.data_offset + c.manifest["dense"]["layers.1.q"]["offset"]
+    with open(emoe, "r+b") as f:
+        f.seek(where)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(FormatError, match="tensor layers.1.q"):
+        edge_moe.load(emoe)
+
+
+def test_truncated_file_is_refused(emoe):
+    size = emoe.stat().st_size
+    os.truncate(emoe, size - 1000)
+    with pytest.raises(FormatError, match="truncated"):
+        Container(emoe)
+
+
+def test_not_an_emoe_file(tmp_path):
+    p = tmp_path / "x.emoe"
+    p.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(FormatError, match="not an edge-moe model file"):
+        Container(p)
+
+
+def test_converter_never_touches_source_and_refuses_overwrite(hf_dir, tmp_path):
+    before = tree_digest(hf_dir)
+    out = convert(hf_dir, tmp_path / "a.emoe", group=64, progress=False)
+    assert tree_digest(hf_dir) == before
+    with pytest.raises(UsageError, match="--force"):
+        convert(hf_dir, out, progress=False)
+    convert(hf_dir, out, group=64, force=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.emoe"]  # no temporary left behind
+
+
+def _edited_copy(hf_dir, tmp_path, edit):
+    d = tmp_path / "edited"
+    d.mkdir()
+    (d / "config.json").write_text((hf_dir / "config.json").read_text())
+    tensors = load_file(hf_dir / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, d / "model.safetensors")
+    return d
+
+
+def test_missing_tensor_is_named_and_nothing_written(hf_dir, tmp_path):
+    src = _edited_copy(hf_dir, tmp_path, lambda t: t.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"experts\.3\.up_proj\.weight is missing"):
+        convert(src, tmp_path / "out.emoe", progress=False)
+    assert not any(p.name.startswith(".out.emoe") or p.name == "out.emoe" for p in tmp_path.iterdir())
+
+
+def test_misshapen_tensor_is_named(hf_dir, tmp_path):
+    def shrink(t):
+        t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][:-1]
+    src = _edited_copy(hf_dir, tmp_path, shrink)
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \[79, 160\], expected \[80, 160\]"):
+        convert(src, tmp_path / "out.emoe", progress=False)
+
+
+def test_integer_tensor_is_refused(hf_dir, tmp_path):
+    def to_int(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int8)
+    src = _edited_copy(hf_dir, tmp_path, to_int)
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype I8"):
+        convert(src, tmp_path / "out.emoe", progress=False)
+
+
+def test_unknown_architecture(hf_dir, tmp_path):
+    src = _edited_copy(hf_dir, tmp_path, lambda t: None)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "llama4_moe_x"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitecture, match="'llama4_moe_x' is not supported; supported: mixtral"):
+        convert(src, tmp_path / "out.emoe", progress=False)
+
+
+def test_not_a_checkpoint_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        convert(tmp_path, tmp_path.parent / "x.emoe", progress=False)
