@@ -199,11 +199,15 @@ def attention_specs(cfg: dict, p: str) -> list[Spec]:
         for proj, width in (("q", q), ("k", kv), ("v", kv)):
             specs.append(Spec(f"{p}.self_attn.{proj}_proj.bias", (width,), "normal"))
     elif family == "qwen3_moe":  # per-head RMSNorm over head_dim
-        specs += [Spec(f"{p}.self_attn.q_norm.weight", (hd,), "ones"),
-                  Spec(f"{p}.self_attn.k_norm.weight", (hd,), "ones")]
+        specs += [
+            Spec(f"{p}.self_attn.q_norm.weight", (hd,), "ones"),
+            Spec(f"{p}.self_attn.k_norm.weight", (hd,), "ones"),
+        ]
     elif family == "olmoe":  # RMSNorm over the full projection width
-        specs += [Spec(f"{p}.self_attn.q_norm.weight", (q,), "ones"),
-                  Spec(f"{p}.self_attn.k_norm.weight", (kv,), "ones")]
+        specs += [
+            Spec(f"{p}.self_attn.q_norm.weight", (q,), "ones"),
+            Spec(f"{p}.self_attn.k_norm.weight", (kv,), "ones"),
+        ]
     return specs
 
 
@@ -230,7 +234,9 @@ def mlp_specs(cfg: dict, p: str, i: int) -> list[Spec]:
     if family == "mixtral":
         specs = [Spec(f"{p}.block_sparse_moe.gate.weight", (e, d), "router")]
         for j in range(e):
-            specs += glu_specs(f"{p}.block_sparse_moe.experts.{j}", d, cfg["intermediate_size"], ("w1", "w3", "w2"))
+            specs += glu_specs(
+                f"{p}.block_sparse_moe.experts.{j}", d, cfg["intermediate_size"], ("w1", "w3", "w2")
+            )
         return specs
     if family != "olmoe" and not is_sparse_layer(cfg, i):
         return glu_specs(f"{p}.mlp", d, cfg["intermediate_size"])
@@ -439,12 +445,20 @@ def write_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>", "model_max_length": 4096}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 4096,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
 
@@ -455,9 +469,14 @@ def write_provenance(out: Path, cfg: dict, args) -> None:
     for s in plan_tensors(cfg):
         if s.kind == "router":
             layers[s.name] = popularity_order(args.seed, s.name, e).tolist()
-    info = {"like": args.like, "seed": args.seed, "zipf": args.zipf, "dtype": args.dtype,
-            "target_selection_prob_by_rank": [round(x, 5) for x in zipf_targets(e, k, args.zipf).tolist()],
-            "experts_hottest_first": layers}
+    info = {
+        "like": args.like,
+        "seed": args.seed,
+        "zipf": args.zipf,
+        "dtype": args.dtype,
+        "target_selection_prob_by_rank": [round(x, 5) for x in zipf_targets(e, k, args.zipf).tolist()],
+        "experts_hottest_first": layers,
+    }
     (out / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -473,38 +492,44 @@ def check_routing(cfg: dict, args) -> None:
     h = torch.randn(CHECK_SAMPLES, d, generator=generator_for(args.seed, "check-routing"))
     h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"])).to(dtype)
     print(f"routing check: {CHECK_SAMPLES} random hidden vectors, top-{k} of {e} experts, zipf {args.zipf}")
-    print(f"  hottest {hot} experts ({hot / e:.0%}): target share {target:.1%}, uniform {hot / e:.1%}")
+    print(f"  hottest 10% = {hot} of {e} experts: target share {target:.1%}, uniform {hot / e:.1%}")
     shares = []
     for s in (s for s in plan_tensors(cfg) if s.kind == "router"):
         logits = (h @ make_router(s, cfg, args, dtype).T).float()
         freq = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=e).float()
         freq = (freq / freq.sum()).sort(descending=True).values
         shares.append(freq[:hot].sum().item())
-        print(f"  {s.name}: hottest {hot} get {shares[-1]:.1%} of selections, hottest one {freq[0]:.1%}, "
-              f"coldest one {freq[-1]:.2%} (uniform {1 / e:.2%} each)")
+        print(
+            f"  {s.name}: hottest {hot} get {shares[-1]:.1%} of selections, hottest one {freq[0]:.1%}, "
+            f"coldest one {freq[-1]:.2%} (uniform {1 / e:.2%} each)"
+        )
     print(f"  mean over {len(shares)} layers: hottest {hot} experts get {sum(shares) / len(shares):.1%}")
 
 
 # ----------------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Write a Hugging Face-format MoE checkpoint with the real tensor names and shapes "
-                    "of a known model and random weights (for memory/speed benchmarks).",
-        epilog="Example: make_synthetic_checkpoint.py --like olmoe-1b-7b --layers 2 /tmp/olmoe-2l")
-    ap.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR",
-                    help="directory to create (refused if it exists, unless --force)")
-    ap.add_argument("--like", required=True, choices=sorted(MODELS), help="which real model's shapes to copy")
-    ap.add_argument("--layers", type=int, help="override num_hidden_layers (same per-layer shapes, fewer layers)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed; output is deterministic given it (default 0)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
-    ap.add_argument("--zipf", type=float, default=1.1,
-                    help="expert popularity exponent: rank r selected ~ 1/(r+1)^zipf; 0 = uniform (default 1.1)")
-    ap.add_argument("--shard-gb", type=float, default=2.0, help="max shard size in GB (default 2.0)")
-    ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    ap.add_argument("--check-routing", action="store_true",
-                    help="print how skewed the routers are on random hidden states (OUT_DIR then optional)")
+        "of a known model and random weights (for memory/speed benchmarks).",
+        epilog="Example: make_synthetic_checkpoint.py --like olmoe-1b-7b --layers 2 /tmp/olmoe-2l",
+    )
+    add = ap.add_argument
+    add("out_dir", nargs="?", type=Path, metavar="OUT_DIR", help="directory to create (refused if it exists)")
+    add("--like", required=True, choices=sorted(MODELS), help="which real model's shapes to copy")
+    add("--layers", type=int, help="override num_hidden_layers (same per-layer shapes, fewer layers)")
+    add("--seed", type=int, default=0, help="random seed; output is deterministic given it (default 0)")
+    add("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
+    add("--zipf", type=float, default=1.1, help="rank r picked ~ 1/(r+1)^zipf (default 1.1, 0 = uniform)")
+    add("--shard-gb", type=float, default=2.0, help="max shard size in GB (default 2.0)")
+    add("--force", action="store_true", help="replace OUT_DIR if it exists")
+    add("--check-routing", action="store_true", help="print router skew on random hidden states")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.out_dir is None and not args.check_routing:
         ap.error("OUT_DIR is required (unless only --check-routing is wanted)")
@@ -522,8 +547,10 @@ def check_destination(out: Path, total_bytes: int, force: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if total_bytes > free:
-        sys.exit(f"error: need {total_bytes / 1e9:.1f} GB but only {free / 1e9:.1f} GB free under {out.parent}; "
-                 "use --layers to make a smaller model")
+        sys.exit(
+            f"error: need {total_bytes / 1e9:.1f} GB but only {free / 1e9:.1f} GB free under {out.parent}; "
+            "use --layers to make a smaller model"
+        )
 
 
 def write_checkpoint(out: Path, cfg: dict, args) -> None:
@@ -552,7 +579,8 @@ def main(argv=None) -> None:
         elem = torch.tensor([], dtype=DTYPES[args.dtype][0]).element_size()
         total = sum(math.prod(s.shape) for s in plan_tensors(cfg)) * elem
         check_destination(args.out_dir, total, args.force)
-        print(f"{args.like}: {cfg['num_hidden_layers']} layers, {total / 1e9:.2f} GB of {args.dtype} -> {args.out_dir}")
+        layers = cfg["num_hidden_layers"]
+        print(f"{args.like}: {layers} layers, {total / 1e9:.2f} GB of {args.dtype} -> {args.out_dir}")
         write_checkpoint(args.out_dir, cfg, args)
     if args.check_routing:
         check_routing(cfg, args)
