@@ -18,10 +18,15 @@ from edge_moe.format.layout import build_layout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
 from edge_moe.model.decoder import Decoder
+from edge_moe.model.layers import KVCache
 from edge_moe.model.weights import expert_shapes
-from edge_moe.runtime.expert_store import ExpertStore
-from edge_moe.runtime.moe import MoeDispatch
+from edge_moe.runtime.bit_policy import BitRequest
+from edge_moe.runtime.expert_cache import ExpertCache
+from edge_moe.runtime.memory import MemoryPlan, PeakRss, current_rss, plan_memory
+from edge_moe.runtime.moe import MoePipeline
+from edge_moe.runtime.reader import Reader
 from edge_moe.runtime.sampling import sample
+from edge_moe.runtime.stats import RunStats
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo.emoe"
 
@@ -48,69 +53,100 @@ def _eos_ids(container: Container, tok: Tokenizer | None) -> set[int]:
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
-def _check_bits(bits: int | None) -> int:
-    bits = MAX_BITS if bits is None else int(bits)
-    if not BASE_BITS <= bits <= MAX_BITS:
-        raise UsageError(f"bits={bits} is out of range; choose {BASE_BITS}..{MAX_BITS}")
-    return bits
-
-
 class Model:
-    """A loaded .emoe model: dense part resident, experts read by level on demand."""
+    """A loaded .emoe model: dense part resident, experts streamed by level through a budgeted cache."""
 
-    def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu",
-                 backend: str = "reference", dense_dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str = "reference",
+                 dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
+                 drop_page_cache: bool = False, verify: bool = True):
         if device != "cpu":
             raise UsageError(f"device {device!r} is not supported yet; use device='cpu'")
-        self.path = Path(path)
-        self.memory_budget = None if memory_budget is None else parse_size(memory_budget)
-        self.container = Container(self.path)
+        baseline = current_rss()
+        self.rss = PeakRss()
+        self.path, self.prefill_chunk = Path(path), int(prefill_chunk)
+        self.container = Container(self.path, drop_page_cache=drop_page_cache)
         m = self.container.manifest
-        self.config = ModelConfig.from_dict(m["model"])
-        self.layout = build_layout(expert_shapes(self.config), m["quant"]["scheme"], m["quant"]["group"])
-        if list(self.layout.level_ends) != m["expert_layout"]["level_ends"]:
-            raise FormatError(f"{self.path}: expert layout does not match this edge-moe version")
+        self.config = cfg = ModelConfig.from_dict(m["model"])
+        self.max_context = min(int(max_context), cfg.max_position_embeddings)
+        self.layout = build_layout(expert_shapes(cfg), m["quant"]["scheme"], m["quant"]["group"])
+        if self.layout.to_dict() != m["expert_layout"]:
+            raise FormatError(f"{self.path}: its expert layout differs from this edge-moe version's; "
+                              "convert the checkpoint again")
         self.tokenizer = _tokenizer(self.container)
         self.eos_ids = _eos_ids(self.container, self.tokenizer)
-        self.store = ExpertStore(self.container)
-        self.dispatch = MoeDispatch(self.store, self.layout, get_backend(backend))
-        self.decoder = Decoder(self.config, _dense_weights(self.container, dense_dtype), self.dispatch)
+        dense = _dense_weights(self.container, dense_dtype)
+        self.memory_plan = self._plan(memory_budget, dense, baseline)
+        units = self.memory_plan.cache_units if self.memory_plan else len(cfg.moe_layers) * cfg.num_experts * 8
+        self.cache = ExpertCache(self.layout, units, list(cfg.moe_layers), cfg.num_experts)
+        self.reader = Reader(self.container, self.cache, verify=verify)
+        routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
+        self.pipeline = MoePipeline(cfg, self.cache, self.reader, get_backend(backend), routers)
+        self.decoder = Decoder(cfg, dense, self.pipeline)
         self.stats: dict = {}
+
+    def _plan(self, memory_budget, dense: dict, baseline: int) -> MemoryPlan | None:
+        if memory_budget is None:
+            return None
+        cfg = self.config
+        kv = 2 * cfg.num_layers * self.max_context * cfg.num_kv_heads * cfg.head_dim * 4
+        return plan_memory(parse_size(memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
+                           self.layout.unit_bytes, self.prefill_chunk, self.max_context, baseline)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UsageError(f"{self.path} carries no tokenizer.json; pass token ids instead of text")
         return self.tokenizer.encode(text).ids
 
-    def logits(self, token_ids, bits: int | None = None) -> np.ndarray:
+    def _start(self, n_tokens: int, knobs: dict) -> KVCache:
+        if n_tokens > self.max_context:
+            raise UsageError(f"{n_tokens} tokens exceed the context of {self.max_context}; "
+                             "raise --max-context or shorten the prompt / --max-tokens")
+        self.pipeline.request = BitRequest.make(**knobs)
+        self.pipeline.stats = RunStats()
+        self._bytes0 = self.reader.bytes_read
+        self.rss.reset()
+        return self.decoder.new_cache(n_tokens)
+
+    def _prefill(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        outs = [self.decoder.forward(torch.tensor(ids[i:i + self.prefill_chunk]), cache, all_logits)
+                for i in range(0, len(ids), self.prefill_chunk)]
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def logits(self, token_ids, bits: int | None = None, **knobs) -> np.ndarray:
         """Full-sequence forward: logits [T, V] float32 for every position."""
-        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-        self.dispatch.bits = _check_bits(bits)
-        cache = self.decoder.new_cache(len(ids))
-        return self.decoder.forward(ids, cache, all_logits=True).numpy()
+        ids = [int(t) for t in token_ids]
+        cache = self._start(len(ids), {"bits": bits, **knobs})
+        return self._prefill(ids, cache, all_logits=True).numpy()
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
+                     quality: float | None = None, min_bits: int | None = None, max_bits: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """Yield new token ids one by one (prefill the prompt, then decode)."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
-        self.dispatch.bits = _check_bits(bits)
+        cache = self._start(len(prompt_ids) + max_tokens,
+                            {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits})
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self.decoder.new_cache(len(prompt_ids) + max_tokens)
-        t0, n = time.perf_counter(), 0
-        logits = self.decoder.forward(torch.tensor(prompt_ids), cache)[-1]
-        self.stats = {"prompt_tokens": len(prompt_ids), "prefill_s": time.perf_counter() - t0}
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
+        logits = self._prefill(list(prompt_ids), cache)[-1]
+        t1, n = time.perf_counter(), 0
         for n in range(1, max_tokens + 1):
             token = sample(logits, temperature, top_p, gen)
             yield token
             if token in self.eos_ids or n == max_tokens:
                 break
             logits = self.decoder.forward(torch.tensor([token]), cache)[-1]
-        decode_s = time.perf_counter() - t1
-        self.stats.update({"new_tokens": n, "decode_s": decode_s,
-                           "decode_tokens_per_s": n / decode_s if decode_s > 0 else 0.0,
-                           "expert_bytes_read": self.store.bytes_read})
+        self._record(len(prompt_ids), n, t1 - t0, time.perf_counter() - t1)
+
+    def _record(self, prompt: int, new: int, prefill_s: float, decode_s: float) -> None:
+        read = self.reader.bytes_read - self._bytes0
+        self.stats = {"prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
+                      "decode_tokens_per_s": new / decode_s if decode_s > 0 else 0.0,
+                      **self.pipeline.stats.as_dict(),
+                      "stall_fraction": self.pipeline.stats.stall_s / max(prefill_s + decode_s, 1e-9),
+                      "bytes_read": read, "bytes_read_per_token": read / max(prompt + new, 1),
+                      "peak_rss": self.rss.peak,
+                      "memory_budget": self.memory_plan.budget if self.memory_plan else None}
 
     def stream(self, prompt: str, max_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield text pieces as tokens are generated (whole UTF-8 characters only)."""
@@ -128,6 +164,8 @@ class Model:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
 
     def close(self) -> None:
+        self.reader.close()
+        self.rss.stop()
         self.container.close()
 
 

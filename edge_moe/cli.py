@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge_moe.config import format_size, parse_size
+from edge_moe.config import format_size
 from edge_moe.errors import EdgeMoeError
 
 
@@ -20,19 +20,26 @@ def _convert(args) -> None:
 def _run(args) -> None:
     from edge_moe.api import load
 
-    budget = parse_size(args.memory_budget) if args.memory_budget else None
-    model = load(args.model, memory_budget=budget)
-    if budget is not None:
-        print(f"[memory budget {format_size(budget)}: accepted; streaming under a budget is not "
-              "enforced yet]", file=sys.stderr)
+    model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
+                 backend=args.backend, drop_page_cache=args.drop_page_cache)
+    if model.memory_plan is not None:
+        print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     print(args.prompt, end="", flush=True)
-    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, bits=args.bits,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+    knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
+    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, **knobs):
         print(piece, end="", flush=True)
     print()
     if args.stats:
-        for key, value in model.stats.items():
-            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", file=sys.stderr)
+        _print_stats(model.stats)
+    model.close()
+
+
+def _print_stats(stats: dict) -> None:
+    for key, value in stats.items():
+        if key in ("peak_rss", "memory_budget", "bytes_read", "bytes_read_per_token") and value is not None:
+            value = format_size(value)
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", file=sys.stderr)
 
 
 def _inspect(args) -> None:
@@ -65,11 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--max-tokens", type=int, default=64)
-    r.add_argument("--bits", type=int, default=None, help="expert bit width 2..8 (default 8)")
+    r.add_argument("--bits", type=int, default=None, help="every expert at this width, 2..8 (default 8)")
+    r.add_argument("--quality", type=float, default=None,
+                   help="0..1: experts carrying this share of a token's gate weight get --max-bits, "
+                        "the rest --min-bits (computed with the levels resident when late)")
+    r.add_argument("--min-bits", type=int, default=None, help="lowest width with --quality (default 2)")
+    r.add_argument("--max-bits", type=int, default=None, help="highest width with --quality (default 8)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--memory-budget", default=None, help="e.g. 6GB, 6GiB, 512MB")
+    r.add_argument("--memory-budget", default=None,
+                   help="hard cap on the process's memory, e.g. 6GB, 6GiB, 512MB (default: no cap)")
+    r.add_argument("--max-context", type=int, default=2048, help="longest prompt + output, in tokens")
+    r.add_argument("--backend", default="reference", help="kernel backend (reference)")
+    r.add_argument("--drop-page-cache", action="store_true",
+                   help="have the OS forget expert pages after each read (measures the disk, not RAM)")
     r.add_argument("--stats", action="store_true", help="print timing and I/O stats to stderr")
     r.set_defaults(func=_run)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")

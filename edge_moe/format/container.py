@@ -125,8 +125,11 @@ class ContainerWriter:
 class Container:
     """A read-only .emoe file: the manifest in memory, blobs read on demand and verified."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, drop_page_cache: bool = False):
         self.path = Path(path)
+        # drop_page_cache: advise the kernel to forget expert pages after reading them, so that
+        # reads measure the disk as on a device whose RAM cannot cache the model file.
+        self.drop_page_cache = drop_page_cache
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -189,25 +192,54 @@ class Container:
     def expert_nbytes(self, levels: int) -> int:
         return self._level_ends[levels - 1]
 
+    def _level_start(self, level: int) -> int:
+        return self._level_ends[level - 2] if level > 1 else 0
+
+    def read_levels(self, layer: int, expert: int, first_level: int, last_level: int,
+                    dests: list, verify: bool = True) -> int:
+        """Scatter levels first..last of one expert into `dests` (one buffer per chunk, in order).
+
+        One preadv call: the level range is contiguous on disk; each buffer takes one chunk.
+        Returns the bytes read.
+        """
+        row = self._rows[layer]
+        start, end = self._level_start(first_level), self._level_ends[last_level - 1]
+        views = [memoryview(d) for d in dests]
+        pos = self.data_offset + self.manifest["experts"]["offsets"][row][expert] + start
+        got = os.preadv(self._fd, views, pos)
+        if got != end - start or sum(v.nbytes for v in views) != end - start:
+            raise FormatError(f"{self.path}: short read of expert {expert} of layer {layer} "
+                              f"({got} of {end - start} bytes)")
+        if verify:
+            self._verify_scattered(views, row, expert, layer, first_level, last_level)
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fd, pos, end - start, os.POSIX_FADV_DONTNEED)
+        return got
+
+    def _verify_scattered(self, views, row, expert, layer, first, last) -> None:
+        crcs, i = self.manifest["experts"]["crc32"][row][expert], 0
+        for level in range(first, last + 1):
+            crc, need = 0, self._level_ends[level - 1] - self._level_start(level)
+            while need > 0:  # level 1 spans two chunks; every other level is one
+                crc, need, i = zlib.crc32(views[i], crc), need - views[i].nbytes, i + 1
+            if f"{crc & 0xFFFFFFFF:08x}" != crcs[level - 1]:
+                raise FormatError(f"{self.path}: checksum mismatch in expert {expert} of layer {layer}, "
+                                  f"level {level}; the file is corrupt, convert the checkpoint again")
+
     def read_expert(self, layer: int, expert: int, levels: int, out: np.ndarray | None = None,
                     first_level: int = 1, verify: bool = True) -> np.ndarray:
-        """Read levels first_level..levels of one expert into `out` at their range offsets."""
-        row = self._rows[layer]
-        start = self._level_ends[first_level - 2] if first_level > 1 else 0
-        end = self._level_ends[levels - 1]
-        if out is None:
-            out = np.empty(end, dtype=np.uint8)
-        base = self.manifest["experts"]["offsets"][row][expert]
-        self._read(base + start, end - start, out[start:end])
+        """Read levels first_level..levels of one expert into a contiguous buffer `out`."""
+        start, end = self._level_start(first_level), self._level_ends[levels - 1]
+        out = np.empty(end, dtype=np.uint8) if out is None else out
+        self.read_levels(layer, expert, first_level, levels, [out[start:end]], verify=False)
         if verify:
-            self._verify_levels(out, row, expert, first_level, levels, layer)
+            self._verify_levels(out, self._rows[layer], expert, first_level, levels, layer)
         return out[:end]
 
     def _verify_levels(self, buf, row, expert, first, last, layer) -> None:
         crcs = self.manifest["experts"]["crc32"][row][expert]
         for k in range(first, last + 1):
-            a = self._level_ends[k - 2] if k > 1 else 0
-            self._verify(buf[a:self._level_ends[k - 1]], crcs[k - 1],
+            self._verify(buf[self._level_start(k):self._level_ends[k - 1]], crcs[k - 1],
                          f"expert {expert} of layer {layer}, level {k}")
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_moe.format.layout import ExpertLayout, unpack_matrix
+from edge_moe.format.layout import ExpertLayout, from_units, unpack_matrix
 from edge_moe.format.nested import dequantize
 
 
@@ -42,3 +42,9 @@ def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.
         y = expert_ffn(layout, slab[slots[j]], xt[rows], int(bits[j]))
         out.index_add_(0, rows, y * torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]]))[:, None])
     return out.numpy()
+
+
+def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, x: torch.Tensor,
+                     bits: int) -> torch.Tensor:
+    """expert_ffn on an expert whose chunk c lives in arena[units[c]] (the expert cache's form)."""
+    return expert_ffn(layout, from_units(layout, arena, units, bits), x, bits)

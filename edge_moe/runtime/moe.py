@@ -1,26 +1,92 @@
-"""MoE dispatch: group a layer's tokens by routed expert and run each expert's FFN at its bit width."""
+"""The MoE layer pipeline: route -> bits -> HEBF reads -> compute each expert as its levels land.
+
+The compute thread pins the layer's experts, hands the reader their wanted levels (hottest expert
+first), computes each expert as soon as it holds what it must, unpins it, and finally asks the
+reader to prefetch the next MoE layer's likely experts by applying that layer's router to this
+layer's input (its best available guess of the next hidden state).
+"""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 
-from edge_moe.format.layout import ExpertLayout
-from edge_moe.format.nested import bits_to_level
-from edge_moe.runtime.expert_store import ExpertStore
+from edge_moe.model.layers import route
+from edge_moe.runtime.bit_policy import BitRequest
+from edge_moe.runtime.expert_cache import ExpertCache
+from edge_moe.runtime.reader import Reader, Want
+from edge_moe.runtime.stats import RunStats
+
+PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too widely to guess
 
 
-class MoeDispatch:
-    """The decoder's `experts` callable: store -> buffers -> kernel backend, at `self.bits`."""
+class MoePipeline:
+    """The decoder's `experts` callable, streaming expert levels through the cache."""
 
-    def __init__(self, store: ExpertStore, layout: ExpertLayout, backend, bits: int = 8):
-        self.store, self.layout, self.backend, self.bits = store, layout, backend, bits
+    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend, routers: dict[int, torch.Tensor]):
+        self.cfg, self.cache, self.reader, self.backend = cfg, cache, reader, backend
+        self.routers = routers
+        self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
+        self.request = BitRequest()
+        self.stats = RunStats()
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)  # [T, D]
+    def _wants(self, experts: torch.Tensor, weights: torch.Tensor, bits: torch.Tensor):
+        """Per routed expert: its tokens and slots, and a Want (must/want bits, heat)."""
+        groups = []
         for e in torch.unique(experts).tolist():
             tokens, slots = torch.where(experts == e)
-            buf = self.store.get(layer, e, bits_to_level(self.bits))
-            y = self.backend.expert_ffn(self.layout, buf, x[tokens], self.bits)  # [n, D]
-            out.index_add_(0, tokens, y * weights[tokens, slots, None])
+            want = int(bits[tokens, slots].max())
+            heat = len(tokens) + float(weights[tokens, slots].sum()) / (len(tokens) + 1)
+            must = max(min(self.request.min_bits, want), 2)
+            groups.append((Want(e, must, want, heat), tokens, slots))
+        return sorted(groups, key=lambda g: -g[0].heat)
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        cache, row = self.cache, self.cache.row[layer]
+        groups = self._wants(experts, weights, self.request.assign(weights))
+        resident = {}
+        with cache.lock:
+            for w, _, _ in groups:
+                cache.pins[row, w.expert] += 1
+                resident[w.expert] = int(cache.held[row, w.expert])
+        cache.record_routing(layer, np.bincount(experts.flatten().numpy(), minlength=self.cfg.num_experts))
+        self.reader.submit(layer, [g[0] for g in groups], wait_upper=self.request.wait)
+        out, pinned = torch.zeros_like(x), [g[0].expert for g in groups]
+        try:
+            for w, tokens, slots in groups:
+                y = self._compute(layer, row, w, x[tokens], resident[w.expert])
+                out.index_add_(0, tokens, y * weights[tokens, slots, None])
+                self._unpin(row, [pinned.pop(0)])
+        finally:
+            self._unpin(row, pinned)  # only after an error: normal exits hold no pins here
+        self._prefetch(layer, x)
         return out
+
+    def _compute(self, layer: int, row: int, w: Want, xs: torch.Tensor, resident: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        held = self.reader.wait_for(layer, w.expert, w.must, w.want if self.request.wait else w.must)
+        t1 = time.perf_counter()
+        bits = min(held, w.want)
+        assert bits >= w.must, (layer, w, held)
+        units = self.cache.units[row, w.expert].copy()  # chunks below `held` never move while pinned
+        y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena, units, xs, bits)
+        self.stats.stall_s += t1 - t0
+        self.stats.expert_compute_s += time.perf_counter() - t1
+        self.stats.record(bits, resident >= bits, w.want)
+        return y
+
+    def _unpin(self, row: int, experts: list[int]) -> None:
+        with self.cache.lock:
+            for e in experts:
+                self.cache.pins[row, e] -= 1
+            self.cache.lock.notify_all()
+
+    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
+        nxt = self.next_layer.get(layer)
+        if nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
+            return
+        weights, experts = route(x, self.routers[nxt], self.cfg)
+        groups = self._wants(experts, weights, self.request.assign(weights))
+        self.reader.submit(nxt, [g[0] for g in groups], prefetch=True)

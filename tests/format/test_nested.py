@@ -5,7 +5,14 @@ import pytest
 
 from edge_moe.format.layout import build_layout, pack_expert, unpack_matrix
 from edge_moe.format.nested import (
-    BASE_BITS, MAX_BITS, SCHEMES, dequantize, group_coefficients, quantize, quantize_rtn, unpack_planes,
+    BASE_BITS,
+    MAX_BITS,
+    SCHEMES,
+    dequantize,
+    group_coefficients,
+    quantize,
+    quantize_rtn,
+    unpack_planes,
 )
 
 SHAPES = {"gate_up": (2 * 48, 200), "down": (200, 48)}  # 200 and 48 are not multiples of the group

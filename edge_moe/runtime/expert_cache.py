@@ -1,0 +1,86 @@
+"""Resident expert chunks in a preallocated arena of equal units, with bit-granular eviction.
+
+An expert holding b bits holds its first b chunks (a 2-bit base is chunks 0-1). When a unit is
+needed and none is free, the chunk whose loss costs least goes: the top chunk of the expert with
+the lowest hotness * 2^-chunk (each plane halves the error), so cold experts drop from 6 to 3 bits
+before any base goes; bases go last, coldest first. Pinned experts (in use by the running layer)
+are never evicted. Hotness is an exponential moving average of routing counts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edge_moe.format.layout import ExpertLayout
+from edge_moe.format.nested import MAX_BITS
+
+BASE_CHUNKS = 2
+
+
+class ExpertCache:
+    """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`."""
+
+    def __init__(self, layout: ExpertLayout, n_units: int, layers: list[int], num_experts: int,
+                 decay: float = 0.9):
+        self.layout, self.decay = layout, decay
+        self.arena = np.zeros((n_units, layout.unit_bytes), dtype=np.uint8)
+        self.layers = list(layers)
+        self.row = {layer: i for i, layer in enumerate(layers)}
+        shape = (len(layers), num_experts)
+        self.units = np.full((*shape, MAX_BITS), -1, dtype=np.int64)
+        self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
+        self.hot = np.zeros(shape, dtype=np.float64)
+        self.pins = np.zeros(shape, dtype=np.int64)
+        self.free = list(range(n_units - 1, -1, -1))
+        self.lock = threading.Condition()
+        self.evictions = np.zeros(MAX_BITS, dtype=np.int64)  # per chunk index
+
+    @property
+    def n_units(self) -> int:
+        return self.arena.shape[0]
+
+    def record_routing(self, layer: int, counts: np.ndarray) -> None:
+        """Fold one forward's per-expert token counts [E] into the layer's hotness."""
+        with self.lock:
+            r = self.row[layer]
+            self.hot[r] = self.decay * self.hot[r] + counts
+
+    def _victim(self, keep: tuple[int, int]) -> tuple[int, int, int] | None:
+        """(row, expert, n_chunks_to_free) of the cheapest resident chunk, or None if all pinned."""
+        movable = (self.pins == 0) & (self.held > 0)
+        movable[keep] = False
+        upper = movable & (self.held > BASE_CHUNKS)
+        if upper.any():
+            value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
+            r, e = np.unravel_index(np.argmin(value), value.shape)
+            return int(r), int(e), 1
+        if movable.any():
+            r, e = np.unravel_index(np.argmin(np.where(movable, self.hot, np.inf)), self.hot.shape)
+            return int(r), int(e), BASE_CHUNKS
+        return None
+
+    def take_units(self, n: int, keep: tuple[int, int]) -> list[int] | None:
+        """n free units, evicting as needed (never from `keep` or pinned experts); caller holds lock."""
+        while len(self.free) < n:
+            victim = self._victim(keep)
+            if victim is None:
+                return None
+            r, e, count = victim
+            top = int(self.held[r, e])
+            for c in range(top - count, top):
+                self.free.append(int(self.units[r, e, c]))
+                self.units[r, e, c] = -1
+                self.evictions[c] += 1
+            self.held[r, e] = top - count
+        return [self.free.pop() for _ in range(n)]
+
+    def commit(self, row: int, expert: int, first_chunk: int, units: list[int]) -> None:
+        """Record chunks first_chunk.. as resident in `units`; caller holds lock."""
+        assert self.held[row, expert] == first_chunk, (row, expert, first_chunk)
+        self.units[row, expert, first_chunk:first_chunk + len(units)] = units
+        self.held[row, expert] = first_chunk + len(units)
+
+    def resident_bytes(self) -> int:
+        return int(self.held.sum()) * self.layout.unit_bytes

@@ -1,0 +1,99 @@
+"""The memory budget: account every byte at start-up, size the expert cache, and sample peak RSS."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+from edge_moe.config import ModelConfig, format_size
+from edge_moe.errors import BudgetError
+
+MIN_MARGIN = 96 * 2**20  # allocator slack, numba/torch workspaces, tokenizer, manifest
+MARGIN_FRACTION = 0.04
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where the budget goes; `cache_units` expert chunks of `unit_bytes` fit in what is left."""
+
+    budget: int
+    baseline: int  # RSS before loading the model: interpreter, torch, numba, edge_moe
+    dense: int
+    kv_cache: int
+    activations: int
+    margin: int
+    unit_bytes: int
+    cache_units: int
+    min_units: int  # one MoE layer's active experts at the lowest width
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_units * self.unit_bytes
+
+    def describe(self) -> str:
+        parts = [("process baseline", self.baseline), ("dense weights", self.dense),
+                 ("KV cache", self.kv_cache), ("activations", self.activations),
+                 ("margin", self.margin), ("expert cache", self.cache_bytes)]
+        body = ", ".join(f"{name} {format_size(n)}" for name, n in parts)
+        return (f"memory plan for budget {format_size(self.budget)}: {body} "
+                f"({self.cache_units} chunks of {format_size(self.unit_bytes)})")
+
+
+def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> int:
+    """Peak float32 temporaries of one forward over a prefill chunk (hidden, attention, MoE, logits)."""
+    c, d = prefill_chunk, cfg.hidden_size
+    hidden = 16 * c * d
+    attention = c * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * 3 + cfg.num_heads * c * max_tokens
+    moe = c * cfg.top_k * (2 * cfg.moe_intermediate_size + 2 * d) + 2 * c * max(cfg.intermediate_size, 0)
+    return 4 * (hidden + attention + moe + 2 * cfg.vocab_size)
+
+
+def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
+                prefill_chunk: int, max_tokens: int, baseline: int | None = None) -> MemoryPlan:
+    """Split the budget; raise BudgetError with the numbers when one layer's experts cannot fit."""
+    baseline = current_rss() if baseline is None else baseline
+    acts = activation_bytes(cfg, prefill_chunk, max_tokens)
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * budget))
+    min_units = 2 * cfg.top_k  # each active expert's 2-bit base is 2 chunks
+    fixed = baseline + dense_bytes + kv_bytes + acts + margin
+    units = (budget - fixed) // unit_bytes
+    plan = MemoryPlan(budget, baseline, dense_bytes, kv_bytes, acts, margin, unit_bytes,
+                      max(units, 0), min_units)
+    if units < min_units:
+        need = fixed + min_units * unit_bytes
+        raise BudgetError(
+            f"budget {format_size(budget)} is below the {format_size(need)} minimum for this model: "
+            f"process {format_size(baseline)} + dense {format_size(dense_bytes)} + KV cache "
+            f"{format_size(kv_bytes)} + activations {format_size(acts)} + margin {format_size(margin)} "
+            f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
+            "raise --memory-budget (or lower --max-tokens)")
+    return plan
+
+
+class PeakRss:
+    """A thread sampling this process's RSS every `interval` seconds; `.peak` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-moe-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+    def reset(self) -> None:
+        self.peak = current_rss()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak

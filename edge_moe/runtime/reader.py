@@ -1,0 +1,151 @@
+"""The reader thread: loads expert levels into the cache in hottest-expert-bit-first order.
+
+A layer's work is a list of Want(expert, must, want, heat) in chunks. It becomes level reads
+ordered HEBF: the base of the hottest expert first, then the next hottest's base, and higher
+levels only after every base (D2MoE). Reads up to `must` wait for cache units (pinned experts
+free theirs as the compute thread finishes them); reads above `must` are best effort and are
+skipped when every unit is pinned. Classes order the queue: NEEDED (the compute thread may wait
+on it), OPTIONAL (fetched for later tokens), PREFETCH (the next layer's predicted experts);
+within a class newer layers go first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+
+from edge_moe.format.container import Container
+from edge_moe.runtime.expert_cache import BASE_CHUNKS, ExpertCache
+
+NEEDED, OPTIONAL, PREFETCH = 0, 1, 2
+STALE_EPOCHS = 64  # optional work queued this many submissions ago is dropped
+
+
+@dataclass(frozen=True)
+class Want:
+    expert: int
+    must: int  # chunks the compute cannot go without (2 = the 2-bit base)
+    want: int  # chunks wanted (bits)
+    heat: float  # tokens routed to the expert in this batch (ties: gate mass)
+
+
+def hebf_reads(wants: list[Want]) -> list[tuple[int, int, Want]]:
+    """[(target_chunks, rank, want)] in read order: each expert up to its `must` (one read), hottest
+    first; then the levels above, level by level, hottest first within a level."""
+    order = sorted(wants, key=lambda w: -w.heat)
+    top = max((w.want for w in wants), default=0)
+    reads = [(w.must, rank, w) for rank, w in enumerate(order)]
+    return reads + [(t, rank, w) for t in range(BASE_CHUNKS + 1, top + 1)
+                    for rank, w in enumerate(order) if w.must < t <= w.want]
+
+
+class Reader:
+    """One daemon thread doing prefix reads of expert levels into cache units."""
+
+    def __init__(self, container: Container, cache: ExpertCache, verify: bool = True):
+        self.container, self.cache, self.verify = container, cache, verify
+        self._queue: list = []
+        self._seq = itertools.count()
+        self._epoch = 0
+        self._tried: dict[tuple[int, int], int] = {}  # (row, expert) -> highest target processed
+        self.bytes_read, self.read_seconds, self.failed = 0, 0.0, None
+        self.blocked = False  # waiting for pinned experts to be computed and released
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="edge-moe-reader", daemon=True)
+        self._thread.start()
+
+    def submit(self, layer: int, wants: list[Want], wait_upper: bool = True, prefetch: bool = False) -> None:
+        """Queue a layer's reads. Up to `must` they are NEEDED; above it NEEDED (best effort) when the
+        compute waits for them, else OPTIONAL; a prefetch is all PREFETCH and never waits for room."""
+        cache = self.cache
+        row = cache.row[layer]
+        with cache.lock:
+            self._epoch += 1
+            for target, rank, w in hebf_reads(wants):
+                must = target <= w.must and not prefetch
+                cls = PREFETCH if prefetch else (NEEDED if must or wait_upper else OPTIONAL)
+                key = (cls, -self._epoch, target > w.must, target, rank, next(self._seq))
+                self._tried[(row, w.expert)] = int(cache.held[row, w.expert])
+                heapq.heappush(self._queue, (key, row, w.expert, target, must, self._epoch))
+            cache.lock.notify_all()
+
+    def _next(self):
+        with self.cache.lock:
+            while not self._queue and not self._stop:
+                self.cache.lock.wait()
+            if self._stop:
+                return None
+            key, row, expert, target, must, epoch = heapq.heappop(self._queue)
+            if key[0] != NEEDED and self._epoch - epoch > STALE_EPOCHS:
+                return ()
+            return row, expert, target, must
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            if not item:
+                continue
+            try:
+                self._load(*item)
+            except BaseException as exc:  # handed to the compute thread, which re-raises it
+                with self.cache.lock:
+                    self.failed = exc
+                    self.cache.lock.notify_all()
+                return
+
+    def _reserve(self, row: int, expert: int, target: int, must: bool):
+        """(first_chunk, units) to load, or None if nothing to do / no room; caller holds lock."""
+        cache = self.cache
+        while True:
+            held = int(cache.held[row, expert])
+            if held >= target:
+                return None
+            units = cache.take_units(target - held, keep=(row, expert))
+            if units is not None or not must:
+                return None if units is None else (held, units)
+            self.blocked = True  # all units pinned: the compute thread frees some as it goes
+            cache.lock.notify_all()
+            cache.lock.wait()
+            self.blocked = False
+
+    def _load(self, row: int, expert: int, target: int, must: bool) -> None:
+        cache = self.cache
+        with cache.lock:
+            reserved = self._reserve(row, expert, target, must)
+        if reserved is not None:
+            first, units = reserved
+            t0 = time.perf_counter()
+            dests = [cache.arena[u, :cache.layout.chunk_sizes[first + i]] for i, u in enumerate(units)]
+            layer = cache.layers[row]
+            self.bytes_read += self.container.read_levels(layer, expert, max(1, first), target - 1, dests,
+                                                          verify=self.verify)
+            self.read_seconds += time.perf_counter() - t0
+        with cache.lock:
+            if reserved is not None:
+                cache.commit(row, expert, reserved[0], reserved[1])
+            self._tried[(row, expert)] = max(self._tried.get((row, expert), 0), target)
+            cache.lock.notify_all()
+
+    def wait_for(self, layer: int, expert: int, must: int, want: int) -> int:
+        """Block until the expert holds `want` chunks, or the reader tried, or it holds `must` and the
+        reader is blocked for room (waiting longer could deadlock); returns the chunks held."""
+        cache, row = self.cache, self.cache.row[layer]
+
+        def ready() -> bool:
+            held = cache.held[row, expert]
+            return (held >= want or self.failed is not None or self._tried.get((row, expert), 0) >= want
+                    or (held >= must and self.blocked))
+
+        with cache.lock:
+            cache.lock.wait_for(ready)
+            if self.failed is not None:
+                raise self.failed
+            return int(cache.held[row, expert])
+
+    def close(self) -> None:
+        with self.cache.lock:
+            self._stop = True
+            self.cache.lock.notify_all()
+        self._thread.join()

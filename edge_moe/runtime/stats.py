@@ -1,0 +1,37 @@
+"""Counters of one generation: speed, I/O stalls, bytes read, cache hits and bits used per level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_moe.format.nested import MAX_BITS
+
+
+@dataclass
+class RunStats:
+    """Filled by the MoE pipeline and the API; `as_dict()` is what `model.stats` returns."""
+
+    stall_s: float = 0.0  # compute thread waiting for expert reads
+    expert_compute_s: float = 0.0
+    expert_calls: int = 0
+    hits: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))  # by bits used
+    misses: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))
+    bits_used: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))
+    degraded: int = 0  # expert computations below the bits wanted (levels late or no room)
+
+    def record(self, bits: int, was_resident: bool, wanted: int) -> None:
+        self.expert_calls += 1
+        self.bits_used[bits] += 1
+        (self.hits if was_resident else self.misses)[bits] += 1
+        self.degraded += bits < wanted
+
+    def as_dict(self) -> dict:
+        used = {b: int(n) for b, n in enumerate(self.bits_used) if n}
+        calls = max(self.expert_calls, 1)
+        return {"stall_s": self.stall_s, "expert_compute_s": self.expert_compute_s,
+                "expert_calls": self.expert_calls, "hit_rate": float(self.hits.sum()) / calls,
+                "hits_by_bits": {b: int(n) for b, n in enumerate(self.hits) if n},
+                "bits_histogram": used, "degraded_calls": self.degraded,
+                "mean_bits": float(sum(b * n for b, n in used.items()) / calls)}
