@@ -168,6 +168,12 @@ class Model:
         self.rss.stop()
         self.container.close()
 
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def load(model: str | Path | None = None, memory_budget=None, device: str = "cpu", **kwargs) -> Model:
     """Open an .emoe file; with no model, the demo model shipped inside the package."""

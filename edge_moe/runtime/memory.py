@@ -72,7 +72,7 @@ def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, 
             f"process {format_size(baseline)} + dense {format_size(dense_bytes)} + KV cache "
             f"{format_size(kv_bytes)} + activations {format_size(acts)} + margin {format_size(margin)} "
             f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
-            "raise --memory-budget (or lower --max-tokens)")
+            "raise --memory-budget (or lower --max-context)")
     return plan
 
 

@@ -53,6 +53,7 @@ class Reader:
         self._tried: dict[tuple[int, int], int] = {}  # (row, expert) -> highest target processed
         self.bytes_read, self.read_seconds, self.failed = 0, 0.0, None
         self.blocked = False  # waiting for pinned experts to be computed and released
+        self._busy = False
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="edge-moe-reader", daemon=True)
         self._thread.start()
@@ -79,7 +80,9 @@ class Reader:
             if self._stop:
                 return None
             key, row, expert, target, must, epoch = heapq.heappop(self._queue)
+            self._busy = True
             if key[0] != NEEDED and self._epoch - epoch > STALE_EPOCHS:
+                self._busy = False
                 return ()
             return row, expert, target, must
 
@@ -126,6 +129,7 @@ class Reader:
             if reserved is not None:
                 cache.commit(row, expert, reserved[0], reserved[1])
             self._tried[(row, expert)] = max(self._tried.get((row, expert), 0), target)
+            self._busy = False
             cache.lock.notify_all()
 
     def wait_for(self, layer: int, expert: int, must: int, want: int) -> int:
@@ -143,6 +147,11 @@ class Reader:
             if self.failed is not None:
                 raise self.failed
             return int(cache.held[row, expert])
+
+    def drain(self) -> None:
+        """Wait until every queued read is done (tests and benchmarks use this)."""
+        with self.cache.lock:
+            self.cache.lock.wait_for(lambda: (not self._queue and not self._busy) or self.failed is not None)
 
     def close(self) -> None:
         with self.cache.lock:

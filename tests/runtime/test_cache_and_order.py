@@ -1,0 +1,61 @@
+"""Eviction order of the expert cache and the hottest-expert-bit-first read order."""
+
+import numpy as np
+
+from edge_moe.format.layout import build_layout
+from edge_moe.runtime.expert_cache import ExpertCache
+from edge_moe.runtime.reader import Want, hebf_reads
+
+
+def small_cache(n_units=10):
+    layout = build_layout({"gate_up": (64, 64), "down": (64, 32)}, "msb", 64)
+    return ExpertCache(layout, n_units, layers=[0, 1], num_experts=4)
+
+
+def fill(cache, row, expert, chunks, hot):
+    cache.commit(row, expert, 0, cache.take_units(chunks, keep=(row, expert)))
+    cache.hot[row, expert] = hot
+
+
+def test_eviction_drops_top_planes_of_cold_experts_first_and_bases_last():
+    cache = small_cache()
+    fill(cache, 0, 0, 6, hot=1.0)  # cold expert at 6 bits
+    fill(cache, 1, 2, 4, hot=10.0)  # hot expert at 4 bits
+    states = []
+    for _ in range(6):
+        cache.take_units(1, keep=(0, 3))
+        states.append((int(cache.held[0, 0]), int(cache.held[1, 2])))
+    # a top chunk is worth hot * 2^-(chunk): the cold expert's (1 * 2^-5 .. 1 * 2^-2) go before
+    # the hot expert's 10 * 2^-3 = 1.25, so the cold one falls to its base first
+    assert states[:4] == [(5, 4), (4, 4), (3, 4), (2, 4)]
+    assert states[4:] == [(2, 3), (2, 2)]
+    cache.take_units(len(cache.free) + 1, keep=(0, 3))
+    assert cache.held[0, 0] == 0 and cache.held[1, 2] == 2  # the colder base went first
+    assert list(cache.evictions[:2]) == [1, 1]
+
+
+def test_pinned_experts_are_never_evicted():
+    cache = small_cache(4)
+    fill(cache, 0, 1, 4, hot=0.0)
+    cache.pins[0, 1] = 1
+    assert cache.take_units(1, keep=(0, 2)) is None
+    assert cache.held[0, 1] == 4
+
+
+def test_hotness_is_an_exponential_moving_average():
+    cache = small_cache()
+    cache.record_routing(1, np.array([2, 0, 0, 1]))
+    cache.record_routing(1, np.array([0, 0, 0, 1]))
+    np.testing.assert_allclose(cache.hot[1], [1.8, 0, 0, 1.9])
+
+
+def test_hebf_bases_hottest_first_then_levels():
+    wants = [Want(5, 2, 4, heat=1.0), Want(7, 2, 3, heat=3.0), Want(1, 2, 2, heat=2.0)]
+    order = [(t, w.expert) for t, _, w in hebf_reads(wants)]
+    assert order == [(2, 7), (2, 1), (2, 5), (3, 7), (3, 5), (4, 5)]
+
+
+def test_must_levels_are_read_expert_by_expert():
+    wants = [Want(5, 4, 4, heat=1.0), Want(7, 4, 6, heat=3.0)]
+    order = [(t, w.expert) for t, _, w in hebf_reads(wants)]
+    assert order == [(4, 7), (4, 5), (5, 7), (6, 7)]
