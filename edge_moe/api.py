@@ -23,7 +23,7 @@ from edge_moe.model.weights import expert_shapes
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.memory import MemoryPlan, PeakRss, current_rss, plan_memory
-from edge_moe.runtime.moe import MoePipeline
+from edge_moe.runtime.moe import STREAMING, MoePipeline
 from edge_moe.runtime.reader import Reader
 from edge_moe.runtime.sampling import sample
 from edge_moe.runtime.stats import RunStats
@@ -58,7 +58,7 @@ class Model:
 
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str = "reference",
                  dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
-                 drop_page_cache: bool = False, verify: bool = True):
+                 drop_page_cache: bool = False, verify: bool = True, streaming: str = "hebf"):
         if device != "cpu":
             raise UsageError(f"device {device!r} is not supported yet; use device='cpu'")
         baseline = current_rss()
@@ -77,10 +77,14 @@ class Model:
         dense = _dense_weights(self.container, dense_dtype)
         self.memory_plan = self._plan(memory_budget, dense, baseline)
         units = self.memory_plan.cache_units if self.memory_plan else len(cfg.moe_layers) * cfg.num_experts * 8
-        self.cache = ExpertCache(self.layout, units, list(cfg.moe_layers), cfg.num_experts)
+        if streaming not in STREAMING:
+            raise UsageError(f"streaming={streaming!r} is unknown; choose one of {', '.join(STREAMING)}")
+        eviction, prefetch, keep = STREAMING[streaming]
+        self.cache = ExpertCache(self.layout, units, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
-        self.pipeline = MoePipeline(cfg, self.cache, self.reader, get_backend(backend), routers)
+        self.pipeline = MoePipeline(cfg, self.cache, self.reader, get_backend(backend), routers,
+                                    prefetch=prefetch, keep=keep)
         self.decoder = Decoder(cfg, dense, self.pipeline)
         self.stats: dict = {}
 
@@ -120,12 +124,14 @@ class Model:
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
                      quality: float | None = None, min_bits: int | None = None, max_bits: int | None = None,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                     wait: bool | None = None) -> Iterator[int]:
         """Yield new token ids one by one (prefill the prompt, then decode)."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         cache = self._start(len(prompt_ids) + max_tokens,
-                            {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits})
+                            {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits,
+                             "wait": wait})
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         t0 = time.perf_counter()
         logits = self._prefill(list(prompt_ids), cache)[-1]

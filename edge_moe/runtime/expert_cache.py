@@ -17,14 +17,17 @@ from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import MAX_BITS
 
 BASE_CHUNKS = 2
+EVICTIONS = ("value", "lru")  # value: bit-granular (ours); lru: whole least-recently-used expert (baseline)
 
 
 class ExpertCache:
     """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`."""
 
     def __init__(self, layout: ExpertLayout, n_units: int, layers: list[int], num_experts: int,
-                 decay: float = 0.9):
-        self.layout, self.decay = layout, decay
+                 decay: float = 0.9, eviction: str = "value"):
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction {eviction!r}: choose one of {EVICTIONS}")
+        self.layout, self.decay, self.eviction = layout, decay, eviction
         self.arena = np.zeros((n_units, layout.unit_bytes), dtype=np.uint8)
         self.layers = list(layers)
         self.row = {layer: i for i, layer in enumerate(layers)}
@@ -33,6 +36,8 @@ class ExpertCache:
         self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
         self.hot = np.zeros(shape, dtype=np.float64)
         self.pins = np.zeros(shape, dtype=np.int64)
+        self.last_used = np.zeros(shape, dtype=np.int64)  # routing step, for the LRU baseline
+        self._step = 0
         self.free = list(range(n_units - 1, -1, -1))
         self.lock = threading.Condition()
         self.evictions = np.zeros(MAX_BITS, dtype=np.int64)  # per chunk index
@@ -46,11 +51,19 @@ class ExpertCache:
         with self.lock:
             r = self.row[layer]
             self.hot[r] = self.decay * self.hot[r] + counts
+            self._step += 1
+            self.last_used[r][counts > 0] = self._step
 
     def _victim(self, keep: tuple[int, int]) -> tuple[int, int, int] | None:
         """(row, expert, n_chunks_to_free) of the cheapest resident chunk, or None if all pinned."""
         movable = (self.pins == 0) & (self.held > 0)
         movable[keep] = False
+        if self.eviction == "lru":
+            if not movable.any():
+                return None
+            r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
+                                    movable.shape)
+            return int(r), int(e), int(self.held[r, e])
         upper = movable & (self.held > BASE_CHUNKS)
         if upper.any():
             value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
@@ -75,6 +88,13 @@ class ExpertCache:
                 self.evictions[c] += 1
             self.held[r, e] = top - count
         return [self.free.pop() for _ in range(n)]
+
+    def drop(self, row: int, expert: int) -> None:
+        """Free every chunk of an expert (the no-cache baseline); caller holds lock."""
+        held = int(self.held[row, expert])
+        self.free.extend(int(u) for u in self.units[row, expert, :held])
+        self.units[row, expert, :] = -1
+        self.held[row, expert] = 0
 
     def commit(self, row: int, expert: int, first_chunk: int, units: list[int]) -> None:
         """Record chunks first_chunk.. as resident in `units`; caller holds lock."""

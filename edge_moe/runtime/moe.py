@@ -22,11 +22,20 @@ from edge_moe.runtime.stats import RunStats
 PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too widely to guess
 
 
+STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
+    "hebf": ("value", True, True),  # ours: bit-granular eviction, HEBF reads, next-layer prefetch
+    "lru": ("lru", False, True),  # baseline: whole-expert LRU, no prefetch (mixtral-offloading, EdgeMoE)
+    "on-demand": ("value", False, False),  # baseline: read each expert when routed, keep nothing
+}
+
+
 class MoePipeline:
     """The decoder's `experts` callable, streaming expert levels through the cache."""
 
-    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend, routers: dict[int, torch.Tensor]):
+    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend, routers: dict[int, torch.Tensor],
+                 prefetch: bool = True, keep: bool = True):
         self.cfg, self.cache, self.reader, self.backend = cfg, cache, reader, backend
+        self.prefetch, self.keep = prefetch, keep
         self.routers = routers
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
         self.request = BitRequest()
@@ -43,7 +52,8 @@ class MoePipeline:
             groups.append((Want(e, must, want, heat), tokens, slots))
         return sorted(groups, key=lambda g: -g[0].heat)
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                 experts: torch.Tensor) -> torch.Tensor:
         cache, row = self.cache, self.cache.row[layer]
         groups = self._wants(experts, weights, self.request.assign(weights))
         resident = {}
@@ -81,11 +91,13 @@ class MoePipeline:
         with self.cache.lock:
             for e in experts:
                 self.cache.pins[row, e] -= 1
+                if not self.keep and self.cache.pins[row, e] == 0:
+                    self.cache.drop(row, e)
             self.cache.lock.notify_all()
 
     def _prefetch(self, layer: int, x: torch.Tensor) -> None:
         nxt = self.next_layer.get(layer)
-        if nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
+        if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
         weights, experts = route(x, self.routers[nxt], self.cfg)
         groups = self._wants(experts, weights, self.request.assign(weights))

@@ -103,3 +103,15 @@ def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
         assert all(m.cache.held[row, e] >= 2 for e in predicted)
         assert int((m.cache.held[row] > 0).sum()) == len(predicted)  # nothing else of layer 1 was read
         assert np.all(m.cache.held[m.cache.row[2]] == 0)  # no prefetch beyond the next layer
+
+
+@pytest.mark.parametrize("streaming", ["lru", "on-demand"])
+def test_baseline_policies_give_the_same_tokens(wide_model, streaming):
+    prompt = list(range(5, 25))
+    with edge_moe.load(wide_model) as full:
+        want = list(full.generate_ids(prompt, max_tokens=8, bits=4))
+    with edge_moe.load(wide_model, memory_budget=tight_budget(wide_model, 2 * 10**6), streaming=streaming) as m:
+        assert list(m.generate_ids(prompt, max_tokens=8, bits=4)) == want
+        if streaming == "on-demand":
+            assert m.cache.held.sum() == 0  # nothing kept between uses
+            assert m.stats["hit_rate"] == 0.0

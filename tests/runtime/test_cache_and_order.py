@@ -59,3 +59,13 @@ def test_must_levels_are_read_expert_by_expert():
     wants = [Want(5, 4, 4, heat=1.0), Want(7, 4, 6, heat=3.0)]
     order = [(t, w.expert) for t, _, w in hebf_reads(wants)]
     assert order == [(4, 7), (4, 5), (5, 7), (6, 7)]
+
+
+def test_lru_baseline_evicts_the_least_recently_used_whole_expert():
+    layout = build_layout({"gate_up": (64, 64), "down": (64, 32)}, "msb", 64)
+    cache = ExpertCache(layout, 12, layers=[0, 1], num_experts=4, eviction="lru")
+    for e in (0, 1, 2):
+        fill(cache, 0, e, 4, hot=0.0)
+    cache.record_routing(0, np.array([1, 0, 1, 0]))  # experts 0 and 2 used; 1 is least recent
+    cache.take_units(2, keep=(1, 0))
+    assert list(cache.held[0, :3]) == [4, 0, 4]  # all of expert 1 went, not just its top planes
