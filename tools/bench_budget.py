@@ -1,0 +1,146 @@
+"""Decode under a memory budget: HEBF with dynamic bits vs whole-expert LRU vs load on demand.
+
+    python tools/bench_budget.py MODEL.emoe --budgets 2GB 3GB 16GB [--tokens 32] [--backend cpu]
+    python tools/bench_budget.py MODEL.emoe --quality-model HF_DEMO_DIR     # adds the quality table
+
+Every (budget, policy) runs in a fresh child process: tokens/s, stall fraction, bytes read per
+token, and peak RSS twice (the child's own sampling thread, and the kernel's maximum RSS of the
+child from wait4), side by side in one markdown table. Expert pages are dropped from the OS page
+cache after each read (--drop-page-cache) so that reads measure the disk, as on a device whose
+RAM cannot also cache the model file; pass --page-cache to allow it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+POLICIES = {  # name -> (streaming, knobs)
+    "(a) HEBF, dynamic bits": ("hebf", "dynamic"),
+    "(b) LRU experts, 4 bits": ("lru", {"bits": 4}),
+    "(c) on demand, 4 bits": ("on-demand", {"bits": 4}),
+}
+
+CHILD = """
+import json, sys, numpy as np, edge_moe
+args = json.loads(sys.argv[1])
+m = edge_moe.load(args["model"], memory_budget=args["budget"], streaming=args["streaming"],
+                  backend=args["backend"], max_context=args["context"], drop_page_cache=args["drop"])
+rng = np.random.default_rng(0)
+prompt = rng.integers(0, m.config.vocab_size, size=args["prompt"]).tolist()
+list(m.generate_ids(prompt, max_tokens=args["warmup"], **args["knobs"]))  # fill the cache
+list(m.generate_ids(prompt[: args["prompt"] // 2], max_tokens=args["tokens"], **args["knobs"]))
+print(json.dumps({**m.stats, "plan": m.memory_plan.describe() if m.memory_plan else None}))
+"""
+
+
+def run_child(spec: dict) -> dict:
+    """Run one configuration in a fresh process; reap it with wait4 to get its own peak RSS."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+    if proc.returncode:
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    stats = json.loads(out.strip().splitlines()[-1])
+    stats["maxrss_kernel"] = usage.ru_maxrss * 1024
+    return stats
+
+
+def _fmt_gb(n) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def row(budget: str, name: str, s: dict) -> str:
+    if "error" in s:
+        return f"| {budget} | {name} | refused or failed: {s['error'][:150]} ||||||"
+    return (f"| {budget} | {name} | {s['decode_tokens_per_s']:.2f} | {100 * s['stall_fraction']:.0f}% | "
+            f"{s['bytes_read_per_token'] / 1e6:.1f} MB | {s['mean_bits']:.2f} | {100 * s['hit_rate']:.0f}% | "
+            f"{_fmt_gb(s['peak_rss'])} / {_fmt_gb(s['maxrss_kernel'])} |")
+
+
+def speed_table(args) -> None:
+    print(f"model {args.model}, {args.tokens} decode tokens after a {args.prompt}-token prompt and "
+          f"{args.warmup} warm-up tokens; backend {args.backend}; page cache "
+          f"{'allowed' if args.page_cache else 'dropped after each read'}\n")
+    print("| budget | policy | tokens/s | stall | read/token | mean bits | hits | peak RSS (sampled / kernel) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for budget in args.budgets:
+        for name, (streaming, knobs) in POLICIES.items():
+            knobs = {"quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits} \
+                if knobs == "dynamic" else knobs
+            spec = {"model": args.model, "budget": budget, "streaming": streaming, "backend": args.backend,
+                    "context": args.context, "drop": not args.page_cache, "knobs": knobs,
+                    "prompt": args.prompt, "tokens": args.tokens, "warmup": args.warmup}
+            print(row(budget, name, run_child(spec)), flush=True)
+
+
+def perplexity(model, ids, window: int, **knobs) -> tuple[float, float]:
+    import numpy as np
+    import torch
+
+    total, count, bits = 0.0, 0, []
+    for i in range(0, len(ids) - 1, window):
+        w = ids[i:i + window + 1]
+        logits = torch.from_numpy(np.asarray(model.logits(w[:-1], wait=True, **knobs)))
+        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
+        count += len(w) - 1
+        bits.append(model.pipeline.stats.as_dict()["mean_bits"])
+    return math.exp(total / count), sum(bits) / len(bits)
+
+
+def quality_table(args) -> None:
+    from pathlib import Path
+
+    import edge_moe
+    from edge_moe.convert import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = edge_moe.load(convert(args.quality_model, Path(tmp) / "q.emoe", progress=False))
+        ids = m.encode((Path(args.quality_model) / "heldout.txt").read_text())[: args.quality_tokens]
+        print(f"\nquality on the demo model's held-out text ({len(ids)} tokens, window 256)\n")
+        print("| setting | mean bits | perplexity |")
+        print("|---|---|---|")
+        settings = [("fixed 8 bits", {"bits": 8}), ("fixed 4 bits (b, c)", {"bits": 4}),
+                    ("fixed 3 bits", {"bits": 3})]
+        settings += [(f"dynamic: quality {q}, bits {lo}..{hi} (a)", {"quality": q, "min_bits": lo, "max_bits": hi})
+                     for q, lo, hi in [(args.quality, args.min_bits, args.max_bits), (0.5, 3, 5), (0.7, 3, 6)]]
+        for name, knobs in settings:
+            ppl, bits = perplexity(m, ids, 256, **knobs)
+            print(f"| {name} | {bits:.2f} | {ppl:.3f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--budgets", nargs="+", default=["2GB", "3GB", "16GB"])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--quality", type=float, default=0.5)
+    ap.add_argument("--min-bits", type=int, default=2)
+    ap.add_argument("--max-bits", type=int, default=6)
+    ap.add_argument("--page-cache", action="store_true", help="let the OS cache the model file")
+    ap.add_argument("--quality-model", default=None, help="HF dir of the demo model (with heldout.txt)")
+    ap.add_argument("--quality-tokens", type=int, default=8192)
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_speed:
+        speed_table(args)
+    if args.quality_model:
+        quality_table(args)
+
+
+if __name__ == "__main__":
+    main()
