@@ -50,7 +50,7 @@ def ppl_hf(hf, wins) -> float:
 def expert_params(hf):
     """Every expert weight tensor: transformers v5 holds them as fused 3-D parameters."""
     out = []
-    for name, mod in hf.named_modules():
+    for mod in hf.modules():
         for pname in ("gate_up_proj", "down_proj"):
             p = getattr(mod, pname, None)
             if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
@@ -65,7 +65,7 @@ def rtn_rows(hf_dir: Path, wins, group: int) -> dict[int, float]:
     original = [p.data.clone() for p in expert_params(hf)]
     rows = {16: ppl_hf(hf, wins)}
     for bits in BITS:
-        for p, w in zip(expert_params(hf), original):
+        for p, w in zip(expert_params(hf), original, strict=True):
             p.data = torch.stack([torch.from_numpy(quantize_rtn(m.numpy(), bits, group)) for m in w])
         rows[bits] = ppl_hf(hf, wins)
     return rows

@@ -32,12 +32,12 @@ STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
 class MoePipeline:
     """The decoder's `experts` callable, streaming expert levels through the cache."""
 
-    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend, routers: dict[int, torch.Tensor],
-                 prefetch: bool = True, keep: bool = True):
+    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend,
+                 routers: dict[int, torch.Tensor], prefetch: bool = True, keep: bool = True):
         self.cfg, self.cache, self.reader, self.backend = cfg, cache, reader, backend
         self.prefetch, self.keep = prefetch, keep
         self.routers = routers
-        self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
+        self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:], strict=False))
         self.request = BitRequest()
         self.stats = RunStats()
 

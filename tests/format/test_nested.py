@@ -75,7 +75,7 @@ def test_expert_pack_unpack_round_trip_every_level(scheme):
 def test_layout_levels_are_increasing_prefixes():
     layout = build_layout(SHAPES, "mwq", 64)
     ends = layout.level_ends
-    assert len(ends) == MAX_BITS - BASE_BITS + 1 and all(a < b for a, b in zip(ends, ends[1:]))
+    assert len(ends) == MAX_BITS - BASE_BITS + 1 and all(a < b for a, b in zip(ends, ends[1:], strict=False))
     assert all(s.offset % 64 == 0 for s in layout.sections)
     with pytest.raises(ValueError, match="bits need"):
         unpack_matrix(layout, np.zeros(ends[0], np.uint8), "down", 3)
