@@ -72,7 +72,8 @@ def speed_table(args) -> None:
     print(f"model {args.model}, {args.tokens} decode tokens after a {args.prompt}-token prompt and "
           f"{args.warmup} warm-up tokens; backend {args.backend}; page cache "
           f"{'allowed' if args.page_cache else 'dropped after each read'}\n")
-    print("| budget | policy | tokens/s | stall | read/token | mean bits | hits | peak RSS (sampled / kernel) |")
+    print("| budget | policy | tokens/s | stall | read/token | mean bits | hits "
+          "| peak RSS (sampled / kernel) |")
     print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         for name, (streaming, knobs) in POLICIES.items():
@@ -112,8 +113,9 @@ def quality_table(args) -> None:
         print("|---|---|---|")
         settings = [("fixed 8 bits", {"bits": 8}), ("fixed 4 bits (b, c)", {"bits": 4}),
                     ("fixed 3 bits", {"bits": 3})]
-        settings += [(f"dynamic: quality {q}, bits {lo}..{hi} (a)", {"quality": q, "min_bits": lo, "max_bits": hi})
-                     for q, lo, hi in [(args.quality, args.min_bits, args.max_bits), (0.5, 3, 5), (0.7, 3, 6)]]
+        for q, lo, hi in [(args.quality, args.min_bits, args.max_bits), (0.5, 3, 5), (0.7, 3, 6)]:
+            settings.append((f"dynamic: quality {q}, bits {lo}..{hi} (a)",
+                             {"quality": q, "min_bits": lo, "max_bits": hi}))
         for name, knobs in settings:
             ppl, bits = perplexity(m, ids, 256, **knobs)
             print(f"| {name} | {bits:.2f} | {ppl:.3f} |", flush=True)

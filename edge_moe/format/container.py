@@ -100,7 +100,8 @@ class ContainerWriter:
         assert len(data) == ends[-1]
         starts = [0] + ends[:-1]
         view = memoryview(data)
-        self.manifest["experts"]["crc32"][row][expert] = [crc_hex(view[a:b]) for a, b in zip(starts, ends, strict=True)]
+        crcs = [crc_hex(view[a:b]) for a, b in zip(starts, ends, strict=True)]
+        self.manifest["experts"]["crc32"][row][expert] = crcs
         self._put(("expert", row, expert), self.manifest["experts"]["offsets"][row][expert], data)
 
     def finish(self) -> None:
