@@ -29,7 +29,14 @@ def test_cli_run_streams_text_on_the_demo_model():
     r = cli("run", "--prompt", PROMPT, "--max-tokens", "12", "--memory-budget", "6GB", "--stats")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(PROMPT) and len(r.stdout.strip()) > len(PROMPT.strip())
-    assert "memory budget 6.00 GB" in r.stderr and "decode_tokens_per_s" in r.stderr
+    assert "memory plan for budget 6.00 GB" in r.stderr and "decode_tokens_per_s" in r.stderr
+    peak = next(line for line in r.stderr.splitlines() if line.startswith("peak_rss:"))
+    assert float(peak.split()[1]) < 6000 and peak.endswith("MB")  # the process stayed far under 6 GB
+
+
+def test_cli_refuses_a_budget_below_the_minimum():
+    r = cli("run", "--prompt", "x", "--memory-budget", "100MB")
+    assert r.returncode == 2 and "budget 100.00 MB is below the" in r.stderr and "--memory-budget" in r.stderr
 
 
 def test_cli_inspect():
