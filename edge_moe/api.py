@@ -20,6 +20,7 @@ from edge_moe.kernels import get_backend
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
 from edge_moe.model.weights import expert_shapes
+from edge_moe.runtime.arena import HostArena
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.memory import MemoryPlan, PeakRss, current_rss, plan_memory
@@ -94,7 +95,8 @@ class Model:
         if streaming not in STREAMING:
             raise UsageError(f"streaming={streaming!r} is unknown; choose one of {', '.join(STREAMING)}")
         eviction, prefetch, keep = STREAMING[streaming]
-        self.cache = ExpertCache(self.layout, units, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
+        arena = HostArena(units, self.layout.unit_bytes)
+        self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
         self.pipeline = MoePipeline(cfg, self.cache, self.reader, get_backend(backend), routers,

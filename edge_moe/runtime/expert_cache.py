@@ -23,12 +23,13 @@ EVICTIONS = ("value", "lru")  # value: bit-granular (ours); lru: whole least-rec
 class ExpertCache:
     """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`."""
 
-    def __init__(self, layout: ExpertLayout, n_units: int, layers: list[int], num_experts: int,
+    def __init__(self, layout: ExpertLayout, arena, layers: list[int], num_experts: int,
                  decay: float = 0.9, eviction: str = "value"):
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction {eviction!r}: choose one of {EVICTIONS}")
         self.layout, self.decay, self.eviction = layout, decay, eviction
-        self.arena = np.zeros((n_units, layout.unit_bytes), dtype=np.uint8)
+        self.arena = arena  # HostArena or DeviceArena: the units themselves
+        n_units = len(arena)
         self.layers = list(layers)
         self.row = {layer: i for i, layer in enumerate(layers)}
         shape = (len(layers), num_experts)
@@ -44,7 +45,7 @@ class ExpertCache:
 
     @property
     def n_units(self) -> int:
-        return self.arena.shape[0]
+        return len(self.arena)
 
     def record_routing(self, layer: int, counts: np.ndarray) -> None:
         """Fold one forward's per-expert token counts [E] into the layer's hotness."""

@@ -81,7 +81,7 @@ class MoePipeline:
         bits = min(held, w.want)
         assert bits >= w.must, (layer, w, held)
         units = self.cache.units[row, w.expert].copy()  # chunks below `held` never move while pinned
-        y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena, units, xs, bits)
+        y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena.data, units, xs, bits)
         self.stats.stall_s += t1 - t0
         self.stats.expert_compute_s += time.perf_counter() - t1
         self.stats.record(bits, resident >= bits, w.want)

@@ -120,10 +120,8 @@ class Reader:
         if reserved is not None:
             first, units = reserved
             t0 = time.perf_counter()
-            dests = [cache.arena[u, :cache.layout.chunk_sizes[first + i]] for i, u in enumerate(units)]
-            layer = cache.layers[row]
-            self.bytes_read += self.container.read_levels(layer, expert, max(1, first), target - 1, dests,
-                                                          verify=self.verify)
+            self.bytes_read += cache.arena.load(self.container, cache.layers[row], expert, first, target,
+                                                units, cache.layout.chunk_sizes, self.verify)
             self.read_seconds += time.perf_counter() - t0
         with cache.lock:
             if reserved is not None:

@@ -3,13 +3,14 @@
 import numpy as np
 
 from edge_moe.format.layout import build_layout
+from edge_moe.runtime.arena import HostArena
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.reader import Want, hebf_reads
 
 
 def small_cache(n_units=10):
     layout = build_layout({"gate_up": (64, 64), "down": (64, 32)}, "msb", 64)
-    return ExpertCache(layout, n_units, layers=[0, 1], num_experts=4)
+    return ExpertCache(layout, HostArena(n_units, layout.unit_bytes), layers=[0, 1], num_experts=4)
 
 
 def fill(cache, row, expert, chunks, hot):
@@ -63,7 +64,7 @@ def test_must_levels_are_read_expert_by_expert():
 
 def test_lru_baseline_evicts_the_least_recently_used_whole_expert():
     layout = build_layout({"gate_up": (64, 64), "down": (64, 32)}, "msb", 64)
-    cache = ExpertCache(layout, 12, layers=[0, 1], num_experts=4, eviction="lru")
+    cache = ExpertCache(layout, HostArena(12, layout.unit_bytes), layers=[0, 1], num_experts=4, eviction="lru")
     for e in (0, 1, 2):
         fill(cache, 0, e, 4, hot=0.0)
     cache.record_routing(0, np.array([1, 0, 1, 0]))  # experts 0 and 2 used; 1 is least recent

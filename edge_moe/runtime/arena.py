@@ -1,0 +1,53 @@
+"""Where cached expert chunks live: a host arena (numpy) or a GPU arena fed through pinned staging.
+
+Both hold `n` equal units and load chunks of one expert with a single disk read. The GPU arena
+reads into pinned host buffers, then copies them on its own CUDA stream, so copies overlap the
+compute stream; a load returns once its copy has landed, so committed chunks are always valid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_moe.format.container import Container
+from edge_moe.format.nested import MAX_BITS
+
+
+class HostArena:
+    """Units in process memory; kernels read them in place."""
+
+    def __init__(self, n_units: int, unit_bytes: int):
+        self.data = np.zeros((n_units, unit_bytes), dtype=np.uint8)  # pages commit on first write
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def load(self, container: Container, layer: int, expert: int, first: int, target: int,
+             units: list[int], sizes, verify: bool) -> int:
+        dests = [self.data[u, :sizes[first + i]] for i, u in enumerate(units)]
+        return container.read_levels(layer, expert, max(1, first), target - 1, dests, verify=verify)
+
+
+class DeviceArena:
+    """Units in GPU memory, written from pinned staging buffers on a dedicated copy stream."""
+
+    def __init__(self, n_units: int, unit_bytes: int, device: torch.device):
+        self.device = torch.device(device)
+        self.data = torch.empty((n_units, unit_bytes), dtype=torch.uint8, device=self.device)
+        self.staging = torch.empty((MAX_BITS, unit_bytes), dtype=torch.uint8, pin_memory=True)
+        self._host = self.staging.numpy()
+        self.stream = torch.cuda.Stream(self.device)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def load(self, container: Container, layer: int, expert: int, first: int, target: int,
+             units: list[int], sizes, verify: bool) -> int:
+        dests = [self._host[i, :sizes[first + i]] for i in range(len(units))]
+        got = container.read_levels(layer, expert, max(1, first), target - 1, dests, verify=verify)
+        index = torch.tensor(units, dtype=torch.int64).to(self.device, non_blocking=True)
+        with torch.cuda.stream(self.stream):
+            self.data.index_copy_(0, index, self.staging[:len(units)].to(self.device, non_blocking=True))
+        self.stream.synchronize()  # staging is reused by the next load; the chunks are now valid
+        return got
