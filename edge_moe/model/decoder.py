@@ -28,8 +28,12 @@ class Decoder:
         self.rope = Rope(cfg.head_dim, cfg.rope_theta)
         self.lm_head = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
 
+    @property
+    def device(self) -> torch.device:
+        return self.w["embed"].device
+
     def new_cache(self, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, max_tokens)
+        return KVCache(self.cfg, max_tokens, device=self.device)
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         p, w, cfg = f"layers.{layer}", self.w, self.cfg
@@ -50,7 +54,7 @@ class Decoder:
         cfg, w = self.cfg, self.w
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
-        h = w["embed"][ids].float()  # [T, D]
+        h = w["embed"][ids.to(self.device)].float()  # [T, D]
         for i in range(cfg.num_layers):
             p = f"layers.{i}"
             h = h + attention(rms_norm(h, w[f"{p}.attn_norm"], cfg.rms_norm_eps), w, cfg, i, cache, self.rope)

@@ -27,7 +27,10 @@ class Rope:
 
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         t = x.shape[0]  # x [T, H, hd]
-        freqs = torch.arange(pos0, pos0 + t, dtype=torch.float32)[:, None] * self.inv_freq  # [T, hd/2]
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        positions = torch.arange(pos0, pos0 + t, dtype=torch.float32, device=x.device)
+        freqs = positions[:, None] * self.inv_freq  # [T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -37,10 +40,10 @@ class Rope:
 class KVCache:
     """Preallocated keys and values per layer: [L, S, KV, hd]; `length` tokens are filled."""
 
-    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype=torch.float32, device="cpu"):
         shape = (cfg.num_layers, max_tokens, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -69,7 +72,8 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
     cache.k[layer, pos0:pos0 + t] = k
     cache.v[layer, pos0:pos0 + t] = v.view(t, cfg.num_kv_heads, cfg.head_dim)
     keys, values = cache.k[layer, :pos0 + t], cache.v[layer, :pos0 + t]  # [S, KV, hd]
-    mask = torch.arange(pos0 + t)[None, :] <= torch.arange(pos0, pos0 + t)[:, None]  # [T, S]
+    dev = x.device
+    mask = torch.arange(pos0 + t, device=dev)[None, :] <= torch.arange(pos0, pos0 + t, device=dev)[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None].float(), values.transpose(0, 1)[None].float(),
         attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)  # [1, H, T, hd]

@@ -55,6 +55,7 @@ class MoePipeline:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
                  experts: torch.Tensor) -> torch.Tensor:
         cache, row = self.cache, self.cache.row[layer]
+        weights_d, experts, weights = weights, experts.cpu(), weights.cpu()  # bookkeeping on the host
         groups = self._wants(experts, weights, self.request.assign(weights))
         resident = {}
         with cache.lock:
@@ -66,8 +67,9 @@ class MoePipeline:
         out, pinned = torch.zeros_like(x), [g[0].expert for g in groups]
         try:
             for w, tokens, slots in groups:
-                y = self._compute(layer, row, w, x[tokens], resident[w.expert])
-                out.index_add_(0, tokens, y * weights[tokens, slots, None])
+                tokens_d = tokens.to(x.device)
+                y = self._compute(layer, row, w, x[tokens_d], resident[w.expert])
+                out.index_add_(0, tokens_d, y.to(x.device) * weights_d[tokens_d, slots.to(x.device), None])
                 self._unpin(row, [pinned.pop(0)])
         finally:
             self._unpin(row, pinned)  # only after an error: normal exits hold no pins here
@@ -99,6 +101,6 @@ class MoePipeline:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
-        weights, experts = route(x, self.routers[nxt], self.cfg)
+        weights, experts = (t.cpu() for t in route(x, self.routers[nxt], self.cfg))
         groups = self._wants(experts, weights, self.request.assign(weights))
         self.reader.submit(nxt, [g[0] for g in groups], prefetch=True)
