@@ -21,7 +21,8 @@ def _run(args) -> None:
     from edge_moe.api import load
 
     model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
-                 backend=args.backend, drop_page_cache=args.drop_page_cache)
+                 backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
+                 gpu_memory_budget=args.gpu_memory_budget)
     if model.memory_plan is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     print(args.prompt, end="", flush=True)
@@ -84,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-budget", default=None,
                    help="hard cap on the process's memory, e.g. 6GB, 6GiB, 512MB (default: no cap)")
     r.add_argument("--max-context", type=int, default=2048, help="longest prompt + output, in tokens")
-    r.add_argument("--backend", default="reference", help="kernel backend (reference)")
+    r.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    r.add_argument("--gpu-memory-budget", default=None,
+                   help="with --device cuda: VRAM for dense weights, KV cache and cached experts")
+    r.add_argument("--backend", default=None, help="kernel backend (default: the fastest for the device)")
     r.add_argument("--drop-page-cache", action="store_true",
                    help="have the OS forget expert pages after each read (measures the disk, not RAM)")
     r.add_argument("--stats", action="store_true", help="print timing and I/O stats to stderr")

@@ -55,7 +55,8 @@ def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> i
 
 
 def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
-                prefill_chunk: int, max_tokens: int, baseline: int | None = None) -> MemoryPlan:
+                prefill_chunk: int, max_tokens: int, baseline: int | None = None,
+                what: str = "--memory-budget") -> MemoryPlan:
     """Split the budget; raise BudgetError with the numbers when one layer's experts cannot fit."""
     baseline = current_rss() if baseline is None else baseline
     acts = activation_bytes(cfg, prefill_chunk, max_tokens)
@@ -72,7 +73,7 @@ def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, 
             f"process {format_size(baseline)} + dense {format_size(dense_bytes)} + KV cache "
             f"{format_size(kv_bytes)} + activations {format_size(acts)} + margin {format_size(margin)} "
             f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
-            "raise --memory-budget (or lower --max-context)")
+            f"raise {what} (or lower --max-context)")
     return plan
 
 
