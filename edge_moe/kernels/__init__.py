@@ -6,6 +6,7 @@ from edge_moe.errors import UsageError
 from edge_moe.kernels import reference
 
 BACKENDS = {"reference": reference}
+BACKENDS["cuda"] = __import__("edge_moe.kernels.cuda", fromlist=["cuda"])  # builds at first use
 
 
 def get_backend(name: str):

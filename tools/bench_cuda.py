@@ -1,0 +1,230 @@
+"""Benchmark the CUDA bit-plane kernels: time, GB/s of weight bytes vs measured copy bandwidth, and
+the ratio to torch fp16 matmul on the same shapes, side by side in one run. Prints markdown tables.
+
+    PYTHONPATH=. python3 tools/bench_cuda.py [--quick] [--out bench.md]
+
+Times are medians of CUDA-graph replays (each replay runs every buffer of a rotation once), so
+they hold GPU time, not Python launch overhead; the rotation covers at least --rotate-mb of weights
+so that repeated calls read DRAM, not L2. The "eager" column of the layer table is wall time per
+call without graphs (Python and launch overhead included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_moe.format.layout import build_layout
+from edge_moe.kernels import cuda
+
+MATRICES = [  # (name, O, N): decode shapes of real MoE experts
+    ("OLMoE gate_up", 2048, 2048), ("OLMoE down", 2048, 1024),
+    ("Qwen3-30B-A3B gate_up", 1536, 2048), ("Qwen3-30B-A3B down", 2048, 768),
+    ("Mixtral gate", 14336, 4096), ("Mixtral down", 4096, 14336),
+    ("GPT-OSS 2880", 2880, 2880),
+]
+LAYERS = [("OLMoE", 2048, 1024, 64), ("Qwen3-30B-A3B", 2048, 768, 128)]  # (name, D, I, experts)
+GROUP = 128
+
+
+def graph_time(calls: list, replays: int = 15) -> float:
+    """Median microseconds per call of `calls` (closures), captured once in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls[:3]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def eager_time(fn, reps: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = graph_time([lambda: dst.copy_(src)] * 5, replays=10)
+    return 2 * nbytes / us / 1e3
+
+
+def random_slab(layout, slots: int, bits: int) -> torch.Tensor:
+    """[slots, prefix] uint8: random planes with sane fp16 scale / minimum / alpha sections."""
+    nbytes = layout.bytes_for_bits(bits)
+    slab = torch.randint(0, 256, (slots, nbytes), dtype=torch.uint8, device="cuda")
+    for s in layout.sections:
+        if s.kind != "planes" and s.offset + s.nbytes <= nbytes:
+            value = {"scale": 1e-3, "minimum": -0.1, "alpha": 2e-4}[s.kind]
+            fill = torch.full((s.nbytes // 2,), value, dtype=torch.float16, device="cuda")
+            slab[:, s.offset:s.offset + s.nbytes] = fill.view(torch.uint8)
+    return slab
+
+
+def rotation(nbytes: int, mb: int) -> int:
+    return max(2, min(512, -(-mb * (1 << 20) // max(nbytes, 1))))
+
+
+def bench_matrix(name, o, n, scheme, bits, t, args, torch_us: dict) -> dict:
+    layout = build_layout({"w": (o, n)}, scheme, GROUP)
+    nbytes = layout.bytes_for_bits(bits)
+    slots = rotation(nbytes, args.rotate_mb)
+    slab = random_slab(layout, slots, bits)
+    x = torch.randn(t, n, device="cuda", dtype=torch.float16)
+    out = torch.empty(t, o, device="cuda")
+    calls = [lambda i=i: cuda.nested_matmul(layout, slab[i], "w", x, bits, out=out, blocks_per_sm=args.bps)
+             for i in range(slots)]
+    us = graph_time(calls)
+    desc = cuda.matrix_desc(layout, "w")
+    plan = cuda.native().gemm(slab[0], desc, [0, bits, 0, t], x, None, False, out, None, None, False, args.bps)
+    if (o, n, t) not in torch_us:
+        w = torch.randn(rotation(2 * o * n, args.rotate_mb), o, n, device="cuda", dtype=torch.float16)
+        torch_us[(o, n, t)] = graph_time([lambda i=i: F.linear(x, w[i]) for i in range(w.shape[0])])
+    return {"us": us, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)],
+            "plan": f"nt{plan[0]} k{plan[3]}x{plan[5]} grid {plan[6]}"}
+
+
+def matrix_table(args, bw: float) -> list[str]:
+    rows = ["| matrix | O x N | scheme | bits | T | ours us | GB/s | % copy BW | torch fp16 us | speed-up "
+            "| plan |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    torch_us: dict = {}
+    for name, o, n in MATRICES:
+        for scheme in args.schemes:
+            for t in args.tokens:
+                for bits in args.bits:
+                    r = bench_matrix(name, o, n, scheme, bits, t, args, torch_us)
+                    rows.append(f"| {name} | {o}x{n} | {scheme} | {bits} | {t} | {r['us']:.1f} "
+                                f"| {r['gbs']:.0f} | {100 * r['gbs'] / bw:.0f}% | {r['torch']:.1f} "
+                                f"| {r['torch'] / r['us']:.2f}x | {r['plan']} |")
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def layer_case(d, i, experts, t, bits_list, k=8, seed=0):
+    """Routing of t tokens to top-k of `experts`: (slots, bits, ptr, tokens, weights) by expert."""
+    rng = np.random.default_rng(seed)
+    chosen = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(t)])
+    active = sorted(set(chosen.ravel().tolist()))
+    ptr, tokens, weights, bits = [0], [], [], []
+    for j, e in enumerate(active):
+        rows = np.nonzero((chosen == e).any(1))[0]
+        tokens += rows.tolist()
+        weights += rng.random(len(rows)).tolist()
+        ptr.append(len(tokens))
+        bits.append(bits_list[j % len(bits_list)])
+    return active, bits, ptr, tokens, weights
+
+
+def bench_layer(name, d, i, experts, t, bits_list, scheme, args) -> str:
+    layout = build_layout({"gate_up": (2 * i, d), "down": (d, i)}, scheme, GROUP)
+    active, bits, ptr, tokens, weights = layer_case(d, i, experts, t, bits_list)
+    per_set = sum(layout.bytes_for_bits(b) for b in bits)
+    sets = rotation(per_set, args.rotate_mb)
+    slab = random_slab(layout, sets * len(active), max(bits))
+    x = torch.randn(t, d, device="cuda", dtype=torch.float16)
+    tok = torch.tensor(tokens, dtype=torch.int32, device="cuda")
+    wts = torch.tensor(weights, dtype=torch.float32, device="cuda")
+    slots = [[s * len(active) + j for j in range(len(active))] for s in range(sets)]
+    ours = graph_time([lambda s=s: cuda.moe_ffn(layout, slab, slots[s], bits, x, ptr, tok, wts,
+                                                blocks_per_sm=args.bps) for s in range(sets)])
+    eager = eager_time(lambda: cuda.moe_ffn(layout, slab, slots[0], bits, x, ptr, tok, wts,
+                                            blocks_per_sm=args.bps))
+    rows = [tok[ptr[j]:ptr[j + 1]].long() for j in range(len(active))]
+
+    def per_expert(s):  # our kernels, one expert_ffn (two launches) per expert
+        out = torch.zeros(t, d, device="cuda")
+        for j in range(len(active)):
+            y = cuda.expert_ffn(layout, slab[slots[s][j]], x[rows[j]], bits[j], blocks_per_sm=args.bps)
+            out.index_add_(0, rows[j], y * wts[ptr[j]:ptr[j + 1], None])
+        return out
+    loop = graph_time([lambda s=s: per_expert(s) for s in range(min(sets, 8))])
+    fp16_set = len(active) * 3 * i * d * 2
+    tsets = rotation(fp16_set, args.rotate_mb)
+    gu = torch.randn(tsets, len(active), 2 * i, d, device="cuda", dtype=torch.float16) * 0.02
+    dn = torch.randn(tsets, len(active), d, i, device="cuda", dtype=torch.float16) * 0.02
+
+    def torch_layer(s):
+        out = torch.zeros(t, d, device="cuda", dtype=torch.float16)
+        for j in range(len(active)):
+            g, u = F.linear(x[rows[j]], gu[s, j]).chunk(2, dim=-1)
+            out.index_add_(0, rows[j], F.linear(F.silu(g) * u, dn[s, j]) * wts[ptr[j]:ptr[j + 1], None].half())
+        return out
+    ref = graph_time([lambda s=s: torch_layer(s) for s in range(tsets)])
+    mix = "/".join(str(b) for b in bits_list)
+    return (f"| {name} | {scheme} | {t} | {len(active)} | {mix} | {ours:.1f} | {per_set / ours / 1e3:.0f} "
+            f"| {loop:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
+
+
+def layer_table(args) -> list[str]:
+    rows = ["| layer | scheme | T | experts | bits | ours 1 launch/matrix us | GB/s | ours per expert us "
+            "| torch fp16 us | speed-up | ours eager us |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d, i, experts in LAYERS:
+        for scheme in args.schemes:
+            for t, mix in ((1, [4]), (1, [8, 8, 6, 6, 4, 4, 3, 2]), (16, [4])):
+                rows.append(bench_layer(name, d, i, experts, t, mix, scheme, args))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, nargs="+", default=list(range(2, 9)))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--schemes", nargs="+", default=["msb", "mwq"])
+    ap.add_argument("--bps", type=int, default=cuda.BLOCKS_PER_SM, help="k split: 0 auto, n: n blocks per SM")
+    ap.add_argument("--rotate-mb", type=int, default=256, help="weights cycled through per timing (> L2)")
+    ap.add_argument("--skip-matrices", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--out", help="also write the tables to this markdown file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or cuda.native() is None:
+        print(f"no native CUDA kernels: {cuda.native_error() or 'no GPU'}", file=sys.stderr)
+        return 1
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    head = [f"GPU: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
+            f"measured copy bandwidth {bw:.0f} GB/s (read + write); group {GROUP}; x fp16; "
+            f"k split {'auto' if args.bps <= 0 else f'{args.bps} blocks/SM'}; "
+            "plan: mma column tiles, k parts x inputs, blocks", ""]
+    print("\n".join(head), flush=True)
+    lines = head + ([] if args.skip_matrices else matrix_table(args, bw) + [""])
+    lines += [] if args.skip_layers else layer_table(args)
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
