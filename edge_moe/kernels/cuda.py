@@ -172,6 +172,20 @@ def expert_ffn(layout: ExpertLayout, buf, x: torch.Tensor, bits: int,
     return out
 
 
+def gather_units(layout: ExpertLayout, arena: torch.Tensor, units, bits: int) -> torch.Tensor:
+    """One contiguous expert range from chunks held in arena rows (chunks are back to back on disk)."""
+    index = torch.as_tensor(np.asarray(units[:bits], dtype=np.int64)).to(arena.device, non_blocking=True)
+    rows = arena.index_select(0, index)  # [bits, U]
+    return torch.cat([rows[c, :layout.chunk_sizes[c]] for c in range(bits)])
+
+
+def expert_ffn_units(layout: ExpertLayout, arena: torch.Tensor, units, x: torch.Tensor,
+                     bits: int) -> torch.Tensor:
+    """expert_ffn on an expert cached as units of a GPU arena (the runtime's form): gather, then run.
+    The gather costs one extra device copy of the expert's active bytes."""
+    return expert_ffn(layout, gather_units(layout, arena, units, bits), x, bits)
+
+
 def moe_ffn(layout: ExpertLayout, slab, slots, bits, x: torch.Tensor, ptr, tokens, weights,
             blocks_per_sm: int = BLOCKS_PER_SM) -> torch.Tensor:
     """All of a layer's active experts, two launches (gate_up, then down with silu * up fused).

@@ -215,3 +215,22 @@ def test_torch_fallback_on_gpu(scheme):
                              [int(b) for b in bits], x.cuda(), [int(p) for p in ptr],
                              torch.from_numpy(tokens).cuda(), torch.from_numpy(weights).cuda())
     assert got.is_cuda and rel(got, want) < KERNEL_REL
+
+
+@pytest.mark.cuda
+def test_expert_ffn_units_matches_contiguous_buffer():
+    from edge_moe.format.layout import build_layout, pack_expert, to_units
+    from edge_moe.format.nested import quantize
+
+    layout = build_layout({"gate_up": (192, 160), "down": (160, 96)}, "msb", 64)
+    rng = np.random.default_rng(3)
+    mats = {k: quantize(rng.standard_normal(s).astype(np.float32) * 0.05, "msb", 64)
+            for k, s in dict(layout.matrices).items()}
+    buf = np.frombuffer(pack_expert(layout, mats), dtype=np.uint8)
+    units = to_units(layout, buf)[::-1].copy()  # chunks stored in reverse unit order
+    arena = torch.from_numpy(units).cuda()
+    x = torch.randn(3, 160, device="cuda")
+    for bits in (2, 5, 8):
+        got = cuda.expert_ffn_units(layout, arena, np.arange(7, -1, -1), x, bits)
+        want = cuda.expert_ffn(layout, torch.from_numpy(buf.copy()).cuda(), x, bits)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
