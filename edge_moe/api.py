@@ -23,7 +23,7 @@ from edge_moe.model.weights import expert_shapes
 from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
-from edge_moe.runtime.memory import MemoryPlan, PeakRss, current_rss, plan_memory
+from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory
 from edge_moe.runtime.moe import STREAMING, MoePipeline
 from edge_moe.runtime.reader import Reader
 from edge_moe.runtime.sampling import sample
@@ -142,7 +142,8 @@ class Model:
             return everything
         kv = 2 * cfg.num_layers * self.max_context * cfg.num_kv_heads * cfg.head_dim * 4
         plan = plan_memory(parse_size(gpu_memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
-                           unit, self.prefill_chunk, self.max_context, baseline=0, what="--gpu-memory-budget")
+                           unit, self.prefill_chunk, self.max_context, baseline=0, what="--gpu-memory-budget",
+                           min_margin=GPU_MIN_MARGIN)
         self.gpu_memory_plan = plan
         return min(plan.cache_units, everything)
 

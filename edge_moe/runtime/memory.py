@@ -11,6 +11,7 @@ from edge_moe.config import ModelConfig, format_size
 from edge_moe.errors import BudgetError
 
 MIN_MARGIN = 96 * 2**20  # allocator slack, numba/torch workspaces, tokenizer, manifest
+GPU_MIN_MARGIN = 32 * 2**20  # caching-allocator rounding and cuBLAS workspaces
 MARGIN_FRACTION = 0.04
 
 
@@ -56,11 +57,11 @@ def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> i
 
 def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
                 prefill_chunk: int, max_tokens: int, baseline: int | None = None,
-                what: str = "--memory-budget") -> MemoryPlan:
+                what: str = "--memory-budget", min_margin: int = MIN_MARGIN) -> MemoryPlan:
     """Split the budget; raise BudgetError with the numbers when one layer's experts cannot fit."""
     baseline = current_rss() if baseline is None else baseline
     acts = activation_bytes(cfg, prefill_chunk, max_tokens)
-    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * budget))
+    margin = max(min_margin, int(MARGIN_FRACTION * budget))
     min_units = 2 * cfg.top_k  # each active expert's 2-bit base is 2 chunks
     fixed = baseline + dense_bytes + kv_bytes + acts + margin
     units = (budget - fixed) // unit_bytes
