@@ -55,8 +55,14 @@ class ExpertCache:
             self._step += 1
             self.last_used[r][counts > 0] = self._step
 
-    def _victim(self, keep: tuple[int, int]) -> tuple[int, int, int] | None:
-        """(row, expert, n_chunks_to_free) of the cheapest resident chunk, or None if all pinned."""
+    def value(self, row: int, expert: int, chunk: int, extra: float = 0.0) -> float:
+        """What holding `chunk` of an expert is worth: hotness x 2^-chunk; a base is worth 4x hotness.
+        `extra` adds expected routings (a prefetched expert is about to be used once)."""
+        hot = self.hot[row, expert] + extra + 1e-3
+        return hot * (4.0 if chunk < BASE_CHUNKS else 2.0 ** -chunk)
+
+    def _victim(self, keep: tuple[int, int]) -> tuple[int, int, int, float] | None:
+        """(row, expert, n_chunks_to_free, value) of the cheapest resident chunk; None if all pinned."""
         movable = (self.pins == 0) & (self.held > 0)
         movable[keep] = False
         if self.eviction == "lru":
@@ -64,24 +70,25 @@ class ExpertCache:
                 return None
             r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
                                     movable.shape)
-            return int(r), int(e), int(self.held[r, e])
+            return int(r), int(e), int(self.held[r, e]), 0.0
         upper = movable & (self.held > BASE_CHUNKS)
         if upper.any():
             value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
             r, e = np.unravel_index(np.argmin(value), value.shape)
-            return int(r), int(e), 1
+            return int(r), int(e), 1, float(value[r, e])
         if movable.any():
             r, e = np.unravel_index(np.argmin(np.where(movable, self.hot, np.inf)), self.hot.shape)
-            return int(r), int(e), BASE_CHUNKS
+            return int(r), int(e), BASE_CHUNKS, self.value(r, e, 0)
         return None
 
-    def take_units(self, n: int, keep: tuple[int, int]) -> list[int] | None:
-        """n free units, evicting as needed (never from `keep` or pinned experts); caller holds lock."""
+    def take_units(self, n: int, keep: tuple[int, int], worth: float = np.inf) -> list[int] | None:
+        """n free units, evicting as needed: never from `keep` or pinned experts, and only chunks worth
+        less than `worth` (what the caller will load; a must-read passes inf). Caller holds lock."""
         while len(self.free) < n:
             victim = self._victim(keep)
-            if victim is None:
+            if victim is None or victim[3] >= worth:
                 return None
-            r, e, count = victim
+            r, e, count, _ = victim
             top = int(self.held[r, e])
             for c in range(top - count, top):
                 self.free.append(int(self.units[r, e, c]))

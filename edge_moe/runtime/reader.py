@@ -17,7 +17,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from edge_moe.format.container import Container
+from edge_moe.format.nested import MAX_BITS
 from edge_moe.runtime.expert_cache import BASE_CHUNKS, ExpertCache
 
 NEEDED, OPTIONAL, PREFETCH = 0, 1, 2
@@ -46,11 +49,14 @@ class Reader:
     """One daemon thread doing prefix reads of expert levels into cache units."""
 
     def __init__(self, container: Container, cache: ExpertCache, verify: bool = True):
+        """verify: check each level's CRC32 the first time this process reads it."""
         self.container, self.cache, self.verify = container, cache, verify
         self._queue: list = []
         self._seq = itertools.count()
         self._epoch = 0
         self._tried: dict[tuple[int, int], int] = {}  # (row, expert) -> highest target processed
+        # chunks whose CRC was checked once: later reads of the same bytes skip the CPU cost
+        self._verified = np.zeros((*cache.held.shape, MAX_BITS), dtype=bool)
         self.bytes_read, self.read_seconds, self.failed = 0, 0.0, None
         self.blocked = False  # waiting for pinned experts to be computed and released
         self._busy = False
@@ -84,7 +90,7 @@ class Reader:
             if key[0] != NEEDED and self._epoch - epoch > STALE_EPOCHS:
                 self._busy = False
                 return ()
-            return row, expert, target, must
+            return row, expert, target, must, key[0] == PREFETCH
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
@@ -98,14 +104,17 @@ class Reader:
                     self.cache.lock.notify_all()
                 return
 
-    def _reserve(self, row: int, expert: int, target: int, must: bool):
-        """(first_chunk, units) to load, or None if nothing to do / no room; caller holds lock."""
+    def _reserve(self, row: int, expert: int, target: int, must: bool, prefetch: bool):
+        """(first_chunk, units) to load, or None if nothing to do / no room; caller holds lock.
+        Best-effort reads only evict chunks worth less than the lowest chunk they bring in; a
+        prefetched expert counts one more routing than its hotness (it is about to be used)."""
         cache = self.cache
         while True:
             held = int(cache.held[row, expert])
             if held >= target:
                 return None
-            units = cache.take_units(target - held, keep=(row, expert))
+            worth = np.inf if must else cache.value(row, expert, target - 1, extra=1.0 if prefetch else 0.0)
+            units = cache.take_units(target - held, keep=(row, expert), worth=worth)
             if units is not None or not must:
                 return None if units is None else (held, units)
             self.blocked = True  # all units pinned: the compute thread frees some as it goes
@@ -113,15 +122,17 @@ class Reader:
             cache.lock.wait()
             self.blocked = False
 
-    def _load(self, row: int, expert: int, target: int, must: bool) -> None:
+    def _load(self, row: int, expert: int, target: int, must: bool, prefetch: bool) -> None:
         cache = self.cache
         with cache.lock:
-            reserved = self._reserve(row, expert, target, must)
+            reserved = self._reserve(row, expert, target, must, prefetch)
         if reserved is not None:
             first, units = reserved
             t0 = time.perf_counter()
+            verify = self.verify and not self._verified[row, expert, first:target].all()
             self.bytes_read += cache.arena.load(self.container, cache.layers[row], expert, first, target,
-                                                units, cache.layout.chunk_sizes, self.verify)
+                                                units, cache.layout.chunk_sizes, verify)
+            self._verified[row, expert, first:target] = True
             self.read_seconds += time.perf_counter() - t0
         with cache.lock:
             if reserved is not None:

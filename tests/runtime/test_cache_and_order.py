@@ -70,3 +70,13 @@ def test_lru_baseline_evicts_the_least_recently_used_whole_expert():
     cache.record_routing(0, np.array([1, 0, 1, 0]))  # experts 0 and 2 used; 1 is least recent
     cache.take_units(2, keep=(1, 0))
     assert list(cache.held[0, :3]) == [4, 0, 4]  # all of expert 1 went, not just its top planes
+
+
+def test_best_effort_loads_only_evict_cheaper_chunks():
+    cache = small_cache(4)
+    fill(cache, 0, 0, 4, hot=5.0)
+    worth_of_cold_plane = cache.value(1, 1, 3)  # a never-used expert's 4th plane
+    assert cache.take_units(1, keep=(1, 1), worth=worth_of_cold_plane) is None
+    assert cache.held[0, 0] == 4  # nothing was evicted for it
+    assert cache.take_units(1, keep=(1, 1)) is not None  # a must-read still gets room
+    assert cache.held[0, 0] == 3
