@@ -6,6 +6,7 @@ from edge_moe.errors import UsageError
 from edge_moe.kernels import reference
 
 BACKENDS = {"reference": reference}
+BACKENDS["cpu"] = __import__("edge_moe.kernels.cpu", fromlist=["cpu"])  # numba; cached compile at first call
 BACKENDS["cuda"] = __import__("edge_moe.kernels.cuda", fromlist=["cuda"])  # builds at first use
 
 

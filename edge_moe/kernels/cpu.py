@@ -1,0 +1,660 @@
+"""CPU backend (numba): nested bit-plane matmuls and the fused MoE FFN; same ops as `reference`.
+
+How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(x_g), DESIGN.md 1):
+- Activations become two signed 8-bit digits per input, x ~ d_g * (256 h + l) with one scale d_g per
+  group (int16 precision: error <= max|x_g| / 65278 per input); the offsets use exact float sums.
+- For every 64 inputs of a row the b plane words are used as AVX-512 byte masks and added into one
+  byte code q (b x kmovq + masked vpaddb): msb q = sum_p 2^(7-p) bit_p, so w = s q + offset;
+  mwq q = 128 b0 + 64 b1 for the base and q = 128 bit_p for each sign plane, each with its own
+  coefficient. Then q.h and q.l with vpdpbusd (VNNI), and one int32 -> float flush per group.
+  The dequantized matrix is never formed; work per group is b mask-adds + 4 dots + one flush.
+- T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
+  and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a layer in one
+  numba call with two parallel loops: gate_up rows of every expert, then down rows (each work item
+  owns output rows, so no atomics); expert_ffn and expert_ffn_units are that call with one expert.
+Measured on the 2-core AVX-512 VNNI Xeon of issue 3 (cycles per group of 128 weights, one thread,
+weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py):
+- this design: 14 / 18 / 25.5 (N = 4096), 17 / 22.5 / 31 (N = 1024: per-row costs show).
+- one int8 digit (llama.cpp-style Q8 activations): ~3 cycles less per group, but ~1% error.
+- three digits (24-bit activations, fp32-exact): ~2-3 cycles more per group.
+- float masked FMA per plane (kmovw + vfmadd231ps{k}, exact fp32): the core issues one masked op
+  per cycle, >= 32 cycles per group at 4 bits; 4-bit GEMV 2048x1024 took 128 us vs 72 us for this
+  design (2 threads). Plain numba unpack-then-FMA loops (the issue's probe): 8-22% of bandwidth.
+- software prefetch of the next rows: 25-45% slower at 4-8 bits; two rows per pass: 6-10% faster
+  in L2, not worth the code. Both left out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, config
+from numba.extending import intrinsic, models, register_model
+
+from edge_moe.errors import UsageError
+from edge_moe.format.layout import ExpertLayout
+from edge_moe.format.nested import BASE_BITS, MAX_BITS, num_groups
+
+XDIGIT_MAX = 32639  # |x / d| bound so that both balanced base-256 digits fit in int8
+MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
+ROWS_PER_ITEM = 64  # output rows per parallel work item
+
+# ---------------------------------------------------------------------------------------------
+# SIMD values: LLVM vectors as numba types, and the few operations the kernels need.
+# Addresses are plain integers (intp) so that hot loops carry no array reference counting.
+
+_I1, _I8, _I32, _I64, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_VB = ir.VectorType(_I8, 64)
+_VI = ir.VectorType(_I32, 16)
+_VF = ir.VectorType(_F32, 16)
+_VH = ir.VectorType(ir.HalfType(), 16)
+
+
+class _Vec(types.Type):
+    def __init__(self, name, llty):
+        self.llty = llty
+        super().__init__(name=name)
+
+
+_u8x64 = _Vec("u8x64", _VB)
+_i32x16 = _Vec("i32x16", _VI)
+_f32x16 = _Vec("f32x16", _VF)
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llty)
+
+
+def _has_vnni() -> bool:
+    if config.CPU_NAME and not config.CPU_FEATURES:
+        return False  # a named (e.g. generic) target without features: stay portable
+    features = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    return "+avx512vnni" in features
+
+
+_VNNI = _has_vnni()
+
+
+def _ptr(builder, a, llty):
+    return builder.inttoptr(a, llty.as_pointer())
+
+
+def _splat(builder, val, vty):
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def _addr(typingctx, arr):
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(context.make_array(sig.args[0])(context, builder, args[0]).data, _I64)
+    return types.intp(arr), codegen
+
+
+@intrinsic
+def _qzero(typingctx):
+    return _u8x64(), lambda context, builder, sig, args: ir.Constant(_VB, [0] * 64)
+
+
+@intrinsic
+def _izero(typingctx):
+    return _i32x16(), lambda context, builder, sig, args: ir.Constant(_VI, [0] * 16)
+
+
+@intrinsic
+def _fzero(typingctx):
+    return _f32x16(), lambda context, builder, sig, args: ir.Constant(_VF, [0.0] * 16)
+
+
+@intrinsic
+def _qload(typingctx, a):
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(builder, args[0], _VB), align=1)
+    return _u8x64(types.intp), codegen
+
+
+@intrinsic
+def _qstore(typingctx, q, a):
+    def codegen(context, builder, sig, args):
+        builder.store(args[0], _ptr(builder, args[1], _VB), align=1)
+        return context.get_dummy_value()
+    return types.none(q, types.intp), codegen
+
+
+@intrinsic
+def _qmask_add(typingctx, q, a, v):
+    """q + v in the byte lanes whose bit is set in the 64-bit plane word at address a.
+
+    v must come from memory (_qload): with a constant LLVM proves the bits disjoint, rewrites the
+    add as an or, and byte-masked or does not exist (2 instructions instead of 1)."""
+    def codegen(context, builder, sig, args):
+        q, a, v = args
+        mask = builder.bitcast(builder.load(_ptr(builder, a, _I64), align=1), ir.VectorType(_I1, 64))
+        return builder.select(mask, builder.add(q, v), q)
+    return _u8x64(q, types.intp, v), codegen
+
+
+@intrinsic
+def _dpbusd(typingctx, acc, q, a):
+    """acc + per int32 lane the sum of 4 products u8 q * s8 x, x the 64 bytes at address a."""
+    def codegen(context, builder, sig, args):
+        acc, q, a = args
+        x = builder.load(_ptr(builder, a, _VB), align=1)
+        if _VNNI:
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _VI,
+                         [acc, builder.bitcast(q, _VI), builder.bitcast(x, _VI)])
+        wide = ir.VectorType(_I32, 64)  # portable form: LLVM picks what the target has
+        prod = builder.mul(builder.zext(q, wide), builder.sext(x, wide))
+        for k in range(4):
+            lanes = ir.Constant(ir.VectorType(_I32, 16), [4 * i + k for i in range(16)])
+            acc = builder.add(acc, builder.shuffle_vector(prod, ir.Constant(wide, ir.Undefined), lanes))
+        return acc
+    return _i32x16(acc, q, types.intp), codegen
+
+
+@intrinsic
+def _join_digits(typingctx, h, lo):
+    """float((h << 8) + lo) lane-wise: the dot with the int16 activations."""
+    def codegen(context, builder, sig, args):
+        h, lo = args
+        return builder.sitofp(builder.add(builder.shl(h, _splat(builder, ir.Constant(_I32, 8), _VI)), lo), _VF)
+    return _f32x16(h, lo), codegen
+
+
+@intrinsic
+def _fma_s(typingctx, acc, v, c):
+    """acc + v * c (c a scalar)."""
+    def codegen(context, builder, sig, args):
+        acc, v, c = args
+        return _call(builder, "llvm.fma.v16f32", _VF, [v, _splat(builder, c, _VF), acc])
+    return _f32x16(acc, v, types.float32), codegen
+
+
+@intrinsic
+def _fma_v(typingctx, acc, a, b):
+    """acc + a * b lane-wise."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fma.v16f32", _VF, [args[1], args[2], args[0]])
+    return _f32x16(acc, a, b), codegen
+
+
+@intrinsic
+def _fmul(typingctx, a, b):
+    return _f32x16(a, b), lambda context, builder, sig, args: builder.fmul(args[0], args[1])
+
+
+@intrinsic
+def _fadd(typingctx, a, b):
+    return _f32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
+
+
+@intrinsic
+def _fsub(typingctx, a, b):
+    return _f32x16(a, b), lambda context, builder, sig, args: builder.fsub(args[0], args[1])
+
+
+@intrinsic
+def _fload(typingctx, a):
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(builder, args[0], _VF), align=4)
+    return _f32x16(types.intp), codegen
+
+
+@intrinsic
+def _fstore(typingctx, v, a):
+    def codegen(context, builder, sig, args):
+        builder.store(args[0], _ptr(builder, args[1], _VF), align=4)
+        return context.get_dummy_value()
+    return types.none(v, types.intp), codegen
+
+
+@intrinsic
+def _fsum(typingctx, v):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
+    return types.float32(v), codegen
+
+
+@intrinsic
+def _ldi(typingctx, a):
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(builder, args[0], _I64), align=8)
+    return types.intp(types.intp), codegen
+
+
+@intrinsic
+def _fsplat(typingctx, c):
+    return _f32x16(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VF)
+
+
+@intrinsic
+def _fone(typingctx):
+    return _f32x16(), lambda context, builder, sig, args: ir.Constant(_VF, [1.0] * 16)
+
+
+@intrinsic
+def _ldf(typingctx, a):
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(builder, args[0], _F32), align=4)
+    return types.float32(types.intp), codegen
+
+
+@intrinsic
+def _h2f(typingctx, a, n):
+    """The first n (<= 16) fp16 values at address a as floats, zeros after (a masked load)."""
+    def codegen(context, builder, sig, args):
+        a, n = args
+        lanes = ir.Constant(ir.VectorType(_I64, 16), list(range(16)))
+        mask = builder.icmp_signed("<", lanes, _splat(builder, n, ir.VectorType(_I64, 16)))
+        h = _call(builder, "llvm.masked.load.v16f16.p0", _VH,
+                  [_ptr(builder, a, _VH), ir.Constant(_I32, 2), mask, ir.Constant(_VH, [0.0] * 16)])
+        return builder.fpext(h, _VF)
+    return _f32x16(types.intp, types.intp), codegen
+
+
+_POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, axis=1)  # [8, 64]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations -> int16 digits.
+
+@njit(cache=True)
+def _digit_row(x, G, ng, dig, scale, sums):
+    """One row x [N] -> digits [2, ng*G] int8 (high, low), scale d [ng], sum(x_g) [ng]."""
+    N = x.shape[0]
+    for g in range(ng):
+        lo, hi = g * G, min(N, g * G + G)
+        amax = np.float32(0.0)
+        s = np.float32(0.0)
+        for i in range(lo, hi):
+            amax = max(amax, abs(x[i]))
+            s += x[i]
+        sums[g] = s
+        if amax == 0:
+            continue
+        d = amax / np.float32(XDIGIT_MAX)
+        scale[g] = d
+        inv = np.float32(1.0) / d
+        for i in range(lo, hi):
+            xi = np.int32(np.rint(x[i] * inv))
+            low = ((xi + 128) & 255) - 128
+            dig[0, i] = (xi - low) >> 8
+            dig[1, i] = low
+
+
+@njit(cache=True)
+def _digit_arrays(R, md):
+    """Zeroed digits [R, 2, ng*G], scales [R, ngp], sums [R, ngp] for inputs of matrix md."""
+    return (np.zeros((R, 2, md[3] * md[2]), np.int8), np.zeros((R, md[4]), np.float32),
+            np.zeros((R, md[4]), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row kernels. md (matrix descriptor, int64): O, N, G, ng, ngp, row_bytes, plane_off, meta_off.
+# ca (int64 [8]): address of each chunk of the expert; plane p of a matrix lives in chunk p, its
+# scales in chunk 0, minimums in chunk 1, mwq residual scales of plane p in chunk p.
+
+@njit(inline='always')
+def _qbuild(a, bits, p0, p1, p2, p3, p4, p5, p6, p7, w0, w1, w2, w3, w4, w5, w6, w7):
+    """Byte codes sum_p 2^(7-p) bit_p of 64 inputs; plane p's word at p_p + a."""
+    q = _qmask_add(_qzero(), p0 + a, w0)
+    q = _qmask_add(q, p1 + a, w1)
+    if bits > 2:
+        q = _qmask_add(q, p2 + a, w2)
+        if bits > 3:
+            q = _qmask_add(q, p3 + a, w3)
+            if bits > 4:
+                q = _qmask_add(q, p4 + a, w4)
+                if bits > 5:
+                    q = _qmask_add(q, p5 + a, w5)
+                    if bits > 6:
+                        q = _qmask_add(q, p6 + a, w6)
+                        if bits > 7:
+                            q = _qmask_add(q, p7 + a, w7)
+    return q
+
+
+@njit(inline='always')
+def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum):
+    """Row o's coefficient of each code per group (C [k, ngp]) and offsets (OFF [ngp]), from fp16.
+
+    msb: one code q = sum_p 2^(7-p) bit_p with coefficient s, offset min + s (2^(8-b) - 1) / 2.
+    mwq: code 0 = 128 b0 + 64 b1 with s / 64; code k >= 1 = 128 bit_(k+1) with alpha / 64;
+    offset min - sum alpha (nested.group_coefficients). With one token (Dsc != 0) the coefficients
+    take its digit scales d_g and the offsets . sums(x_g) are returned; else 0."""
+    kb = np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
+    voff = _fzero()
+    for g0 in range(0, ng, 16):
+        n = min(16, ng - g0)
+        m = 2 * (o * ng + g0) + moff
+        vs = _h2f(_ldi(CA) + m, n)
+        vm = _h2f(_ldi(CA + 8) + m, n)
+        vd = _fload(Dsc + 4 * g0) if Dsc else _fone()
+        if mwq:
+            vd64 = _fmul(vd, _fsplat(np.float32(1 / 64)))
+            _fstore(_fmul(vs, vd64), C + 4 * g0)
+            for p in range(BASE_BITS, bits):
+                va = _h2f(_ldi(CA + 8 * p) + m, n)
+                _fstore(_fmul(va, vd64), C + 4 * ((p - 1) * ngp + g0))
+                vm = _fsub(vm, va)
+        else:
+            _fstore(_fmul(vs, vd), C + 4 * g0)
+            vm = _fma_s(vm, vs, kb)
+        if Dsc:
+            voff = _fma_v(voff, vm, _fload(Dsum + 4 * g0))
+        else:
+            _fstore(vm, OFF + 4 * g0)
+    return _fsum(voff)
+
+
+@njit(inline='always')
+def _dot2(h, lo, q, x, npad):
+    """Accumulate q . (high, low digits) of 64 inputs at address x."""
+    return _dpbusd(h, q, x), _dpbusd(lo, q, x + npad)
+
+
+@njit(cache=True)
+def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
+    """y[o - o0] = W_b[o] . x for one token: X digits, Dsc scales, Dsum sums (addresses)."""
+    CA, W, C = _addr(ca), _addr(w), _addr(coef)
+    G, ng, ngp, rbytes, poff, moff = md[2], md[3], md[4], md[5], md[6], md[7]
+    npad, nch, gb = ng * G, G // 64, G // 8
+    p0, p1, p2, p3 = _ldi(CA) + poff, _ldi(CA + 8) + poff, _ldi(CA + 16) + poff, _ldi(CA + 24) + poff
+    p4, p5, p6, p7 = _ldi(CA + 32) + poff, _ldi(CA + 40) + poff, _ldi(CA + 48) + poff, _ldi(CA + 56) + poff
+    w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
+    w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
+    for o in range(o0, o1):
+        yo = _coefs(CA, moff, ng, ngp, bits, mwq, o, C, 0, Dsc, Dsum)
+        acc = _fzero()
+        for g in range(ng):
+            a, xb = o * rbytes + g * gb, X + g * G
+            b = 2 if mwq else bits
+            h, lo = _izero(), _izero()
+            if nch == 2:  # group 128, the common case: straight-line code
+                h, lo = _dot2(h, lo, _qbuild(a, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                             w0, w1, w2, w3, w4, w5, w6, w7), xb, npad)
+                h, lo = _dot2(h, lo, _qbuild(a + 8, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                             w0, w1, w2, w3, w4, w5, w6, w7), xb + 64, npad)
+            else:
+                for c in range(nch):
+                    h, lo = _dot2(h, lo, _qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                                 w0, w1, w2, w3, w4, w5, w6, w7), xb + 64 * c, npad)
+            acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * g))
+            if mwq:
+                for p in range(BASE_BITS, bits):
+                    pa = _ldi(CA + 8 * p) + poff + a
+                    h, lo = _izero(), _izero()
+                    for c in range(nch):
+                        h, lo = _dot2(h, lo, _qmask_add(_qzero(), pa + 8 * c, w0), xb + 64 * c, npad)
+                    acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * ((p - 1) * ngp + g)))
+        y[o - o0] = yo + _fsum(acc)
+
+
+@njit(cache=True)
+def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off, qbuf, accs, y):
+    """y[i, o - o0] = W_b[o] . x_i for n tokens (digit rows drows[d0 + i]); codes built once."""
+    CA, W, C, OFF = _addr(ca), _addr(w), _addr(coef), _addr(off)
+    G, ng, ngp, rbytes, poff, moff = md[2], md[3], md[4], md[5], md[6], md[7]
+    npad, nch, gb = ng * G, G // 64, G // 8
+    p0, p1, p2, p3 = _ldi(CA) + poff, _ldi(CA + 8) + poff, _ldi(CA + 16) + poff, _ldi(CA + 24) + poff
+    p4, p5, p6, p7 = _ldi(CA + 32) + poff, _ldi(CA + 40) + poff, _ldi(CA + 48) + poff, _ldi(CA + 56) + poff
+    w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
+    w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
+    ncode = bits - 1 if mwq else 1
+    Q, A = _addr(qbuf), _addr(accs)
+    X, Dsc, Dsum = _addr(dig), _addr(dsc), _addr(dsum)
+    for o in range(o0, o1):
+        _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, 0, 0)
+        for i in range(n):
+            r = drows[d0 + i]
+            voff = _fzero()
+            for g0 in range(0, ng, 16):
+                voff = _fma_v(voff, _fload(OFF + 4 * g0), _fload(Dsum + 4 * (r * ngp + g0)))
+            _fstore(voff, A + 64 * i)
+        for g in range(ng):
+            a = o * rbytes + g * gb
+            for c in range(nch):
+                b = 2 if mwq else bits
+                _qstore(_qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                w0, w1, w2, w3, w4, w5, w6, w7), Q + 64 * c)
+                for p in range(BASE_BITS, bits if mwq else 0):
+                    _qstore(_qmask_add(_qzero(), _ldi(CA + 8 * p) + poff + a + 8 * c, w0),
+                            Q + 64 * ((p - 1) * nch + c))
+            for i0 in range(0, n, 4):  # 4 tokens per pass share each code load
+                # a short last block repeats token n-1: same inputs, same bits, harmless stores
+                i1, i2, i3 = min(i0 + 1, n - 1), min(i0 + 2, n - 1), min(i0 + 3, n - 1)
+                r0, r1, r2, r3 = drows[d0 + i0], drows[d0 + i1], drows[d0 + i2], drows[d0 + i3]
+                x0, x1 = X + 2 * npad * r0 + g * G, X + 2 * npad * r1 + g * G
+                x2, x3 = X + 2 * npad * r2 + g * G, X + 2 * npad * r3 + g * G
+                e0, e1 = _ldf(Dsc + 4 * (r0 * ngp + g)), _ldf(Dsc + 4 * (r1 * ngp + g))
+                e2, e3 = _ldf(Dsc + 4 * (r2 * ngp + g)), _ldf(Dsc + 4 * (r3 * ngp + g))
+                f0, f1 = _fload(A + 64 * i0), _fload(A + 64 * i1)
+                f2, f3 = _fload(A + 64 * i2), _fload(A + 64 * i3)
+                for k in range(ncode):
+                    h0, l0, h1, l1 = _izero(), _izero(), _izero(), _izero()
+                    h2, l2, h3, l3 = _izero(), _izero(), _izero(), _izero()
+                    for c in range(nch):
+                        q = _qload(Q + 64 * (k * nch + c))
+                        h0, l0 = _dot2(h0, l0, q, x0 + 64 * c, npad)
+                        h1, l1 = _dot2(h1, l1, q, x1 + 64 * c, npad)
+                        h2, l2 = _dot2(h2, l2, q, x2 + 64 * c, npad)
+                        h3, l3 = _dot2(h3, l3, q, x3 + 64 * c, npad)
+                    ck = _ldf(C + 4 * (k * ngp + g))
+                    f0 = _fma_s(f0, _join_digits(h0, l0), ck * e0)
+                    f1 = _fma_s(f1, _join_digits(h1, l1), ck * e1)
+                    f2 = _fma_s(f2, _join_digits(h2, l2), ck * e2)
+                    f3 = _fma_s(f3, _join_digits(h3, l3), ck * e3)
+                _fstore(f0, A + 64 * i0)
+                _fstore(f1, A + 64 * i1)
+                _fstore(f2, A + 64 * i2)
+                _fstore(f3, A + 64 * i3)
+        for i in range(n):
+            y[i, o - o0] = _fsum(_fload(A + 64 * i))
+
+
+@njit(cache=True)
+def _rows(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
+    """Rows o0..o1 of one matrix for n tokens; out[orows[d0+i], o] (+)= oscale[d0+i] * y."""
+    # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
+    ngp = md[4]
+    coef = np.empty(8 * ngp, np.float32)
+    y = np.empty((n, o1 - o0), np.float32)
+    if n == 1:
+        r = drows[d0]
+        X = _addr(dig) + 2 * md[3] * md[2] * r
+        _gemv(ca, md, bits, mwq, X, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 4 * ngp * r,
+              o0, o1, W, coef, y[0])
+    else:
+        qbuf = np.empty(MAX_BITS * md[2], np.uint8)
+        _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, coef,
+              np.empty(ngp, np.float32), qbuf, np.empty(16 * n, np.float32), y)
+    for i in range(n):
+        dst = out[orows[d0 + i]]
+        s = oscale[d0 + i]
+        if accumulate:
+            for k in range(o1 - o0):
+                dst[o0 + k] += s * y[i, k]
+        else:
+            for k in range(o1 - o0):
+                dst[o0 + k] = s * y[i, k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel entry kernels: one numba call per matmul, per expert FFN, per MoE layer.
+
+@njit(cache=True, parallel=True, nogil=True)
+def _matmul_kernel(ca, md, bits, mwq, x, W, out):
+    T = x.shape[0]
+    dig, dsc, dsum = _digit_arrays(T, md)
+    for t in prange(T):
+        _digit_row(x[t], md[2], md[3], dig[t], dsc[t], dsum[t])
+    rows = np.arange(T)
+    ones = np.ones(T, np.float32)
+    nblk = -(-md[0] // ROWS_PER_ITEM)
+    for b in prange(nblk):
+        o0 = b * ROWS_PER_ITEM
+        _rows(ca, md, bits, mwq, dig, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
+              W, out, rows, ones, False)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
+    """out[t] += sum_j weights * down_j(silu(gate_j(x_t)) * up_j(x_t)) over routed experts j."""
+    E, P = cas.shape[0], ptr[cas.shape[0]]
+    I2, D = md_gu[0], md_dn[0]
+    inter = I2 // 2
+    dig, dsc, dsum = _digit_arrays(x.shape[0], md_gu)
+    for t in prange(x.shape[0]):
+        _digit_row(x[t], md_gu[2], md_gu[3], dig[t], dsc[t], dsum[t])
+    pairs = np.arange(P)
+    ones = np.ones(P, np.float32)
+    hid = np.empty((P, I2), np.float32)
+    nb = -(-I2 // ROWS_PER_ITEM)
+    for it in prange(E * nb):  # expert-interleaved, so both threads see every expert's bits
+        j, o0 = it % E, (it // E) * ROWS_PER_ITEM
+        if ptr[j + 1] > ptr[j]:
+            _rows(cas[j], md_gu, bits[j], mwq, dig, dsc, dsum, tokens, ptr[j], ptr[j + 1] - ptr[j],
+                  o0, min(I2, o0 + ROWS_PER_ITEM), W, hid, pairs, ones, False)
+    act = np.empty((P, inter), np.float32)
+    dig, dsc, dsum = _digit_arrays(P, md_dn)
+    for k in prange(P):  # silu(gate) * up, then its digits
+        for i in range(inter):
+            g = hid[k, i]
+            act[k, i] = g / (np.float32(1.0) + np.exp(-g)) * hid[k, inter + i]
+        _digit_row(act[k], md_dn[2], md_dn[3], dig[k], dsc[k], dsum[k])
+    for b in prange(-(-D // ROWS_PER_ITEM)):  # each item owns output columns: no write races
+        o0 = b * ROWS_PER_ITEM
+        for j in range(E):
+            if ptr[j + 1] > ptr[j]:
+                _rows(cas[j], md_dn, bits[j], mwq, dig, dsc, dsum, pairs, ptr[j], ptr[j + 1] - ptr[j],
+                      o0, min(D, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops (same signatures as kernels.reference).
+
+class _Plan(NamedTuple):
+    """Per-layout constants of the kernels."""
+
+    md: dict  # matrix name -> descriptor (int64 [8])
+    starts: np.ndarray  # chunk offsets in a contiguous expert buffer (int64 [8])
+    need: tuple  # need[b - 2]: bytes of b bits
+    mwq: bool
+
+
+_PLANS: dict[int, tuple[ExpertLayout, _Plan]] = {}  # id -> (layout, plan); layouts live with models
+
+
+def _plan(layout: ExpertLayout) -> _Plan:
+    hit = _PLANS.get(id(layout))
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    g = layout.group
+    if g > MAX_GROUP:
+        raise UsageError(f"group size {g} is above the cpu backend's limit of {MAX_GROUP}; "
+                         f"convert with a smaller --group or use --backend reference")
+    md = {}
+    for name, (o, n) in layout.matrices:
+        ng = num_groups(n, g)
+        md[name] = np.array([o, n, g, ng, -(-ng // 16) * 16, ng * g // 8, layout.in_chunk(name, "planes"),
+                             layout.in_chunk(name, "meta")], dtype=np.int64)
+    plan = _Plan(md, np.asarray(layout.chunk_starts, dtype=np.int64), layout.level_ends, layout.scheme == "mwq")
+    _PLANS[id(layout)] = (layout, plan)
+    return plan
+
+
+def _check_bits(plan: _Plan, nbytes: int, bits: int, what: str) -> int:
+    bits = int(bits)
+    if not BASE_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"bits must be in {BASE_BITS}..{MAX_BITS}, got {bits}")
+    if nbytes < plan.need[bits - BASE_BITS]:
+        raise UsageError(f"{what} holds {nbytes} bytes, {bits} bits need {plan.need[bits - BASE_BITS]}")
+    return bits
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _as_x(x, n: int) -> np.ndarray:
+    x = x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != n:
+        raise UsageError(f"x has shape {tuple(x.shape)}, expected [T, {n}]")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.Tensor,
+                  bits: int) -> torch.Tensor:
+    """y [T, O] = x [T, N] @ W_b.T."""
+    plan = _plan(layout)
+    md = plan.md[matrix]
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    bits = _check_bits(plan, buf.nbytes, bits, "expert buffer")
+    xs = _as_x(x, int(md[1]))
+    out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
+    if xs.shape[0]:
+        _matmul_kernel(_address(buf) + plan.starts, md, bits, plan.mwq, xs, _POWERS, out)
+    return torch.from_numpy(out)
+
+
+def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights) -> np.ndarray:
+    md_gu, md_dn = plan.md["gate_up"], plan.md["down"]
+    xs = _as_x(x, int(md_gu[1]))
+    out = np.zeros((xs.shape[0], int(md_dn[0])), dtype=np.float32)
+    if len(cas) and xs.shape[0]:
+        _ffn_kernel(cas, np.asarray(bits, np.int64), plan.mwq, xs, np.asarray(ptr, np.int64),
+                    np.asarray(tokens, np.int64), np.asarray(weights, np.float32), md_gu, md_dn, _POWERS, out)
+    return out
+
+
+def _single(plan: _Plan, cas: np.ndarray, bits: int, x) -> torch.Tensor:
+    T = x.shape[0]
+    return torch.from_numpy(_ffn(plan, cas[None], np.array([bits]), x, np.array([0, T]), np.arange(T),
+                                 np.ones(T, np.float32)))
+
+
+def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """SwiGLU expert at `bits`: down(silu(gate(x)) * up(x)), x [T, D] -> [T, D]."""
+    plan = _plan(layout)
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    bits = _check_bits(plan, buf.nbytes, bits, "expert buffer")
+    return _single(plan, _address(buf) + plan.starts, bits, x)
+
+
+def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, x: torch.Tensor,
+                     bits: int) -> torch.Tensor:
+    """expert_ffn on an expert whose chunk c lives in arena[units[c]] (the expert cache's form)."""
+    plan = _plan(layout)
+    bits = _check_bits(plan, plan.need[-1], bits, "layout")
+    units = np.asarray(units, dtype=np.int64)[:MAX_BITS]
+    if arena.dtype != np.uint8 or not arena.flags.c_contiguous or (units[:bits] < 0).any():
+        raise UsageError(f"arena must be C-contiguous uint8 holding chunks 0..{bits - 1}; units {units}")
+    return _single(plan, np.where(units >= 0, _address(arena) + units * arena.strides[0], 0), bits, x)
+
+
+def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.ndarray,
+            x: np.ndarray, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """All of a layer's active experts in one call (see reference.moe_ffn for the CSR contract)."""
+    plan = _plan(layout)
+    if slab.dtype != np.uint8 or slab.ndim != 2 or not slab.flags.c_contiguous:
+        raise UsageError(f"slab must be a C-contiguous uint8 [S, B] array, got {slab.dtype} {slab.shape}")
+    for b in np.asarray(bits).tolist():
+        _check_bits(plan, slab.shape[1], b, "slab row")
+    slots = np.asarray(slots, dtype=np.int64)
+    return _ffn(plan, _address(slab) + slots[:, None] * slab.strides[0] + plan.starts, bits, x, ptr, tokens,
+                weights)

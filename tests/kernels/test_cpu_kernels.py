@@ -1,0 +1,111 @@
+"""The cpu (numba) backend against the reference, on dequantized weights: every level, both schemes."""
+
+import numpy as np
+import pytest
+import torch
+
+from edge_moe.errors import UsageError
+from edge_moe.format.layout import build_layout, pack_expert, to_units, unpack_matrix
+from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize
+from edge_moe.kernels import cpu, get_backend, reference
+from tests.tolerances import KERNEL_INT16_ACT_REL
+
+D, INTER = 160, 96  # hidden, intermediate: neither a multiple of the group (64 or 128)
+BITS = range(BASE_BITS, MAX_BITS + 1)
+TOKENS = [1, 2, 33, 64]
+
+
+@pytest.fixture(scope="module", params=[(s, g) for s in SCHEMES for g in (64, 128)], ids=str)
+def expert(request):
+    """(layout, contiguous buffer) of one expert: gate_up [2 INTER, D], down [D, INTER]."""
+    scheme, group = request.param
+    rng = np.random.default_rng(group)
+    mats = {"gate_up": rng.standard_normal((2 * INTER, D)).astype(np.float32) * 0.05,
+            "down": rng.standard_normal((D, INTER)).astype(np.float32) * 0.05}
+    layout = build_layout({k: v.shape for k, v in mats.items()}, scheme, group)
+    q = {k: quantize(v, scheme, group) for k, v in mats.items()}
+    return layout, np.frombuffer(pack_expert(layout, q), dtype=np.uint8).copy()
+
+
+def close(y, ref) -> float:
+    """Largest error relative to the largest reference value (outputs near 0 are not singled out)."""
+    y, ref = np.asarray(y), np.asarray(ref)
+    err = float(np.abs(y - ref).max() / np.abs(ref).max())
+    assert err < KERNEL_INT16_ACT_REL, err
+    return err
+
+
+
+def tokens(t, n, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((t, n)).astype(np.float32))
+
+
+@pytest.mark.parametrize("matrix", ["gate_up", "down"])
+@pytest.mark.parametrize("bits", BITS)
+def test_nested_matmul(expert, matrix, bits):
+    layout, buf = expert
+    n = dict(layout.matrices)[matrix][1]
+    for t in TOKENS:  # T = 1 is the GEMV path, T > 1 the GEMM path
+        x = tokens(t, n, seed=t)
+        ref = reference.nested_matmul(layout, buf, matrix, x, bits)
+        close(cpu.nested_matmul(layout, buf, matrix, x, bits), ref)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_expert_ffn(expert, bits):
+    layout, buf = expert
+    for t in TOKENS:
+        x = tokens(t, D, seed=t)
+        close(cpu.expert_ffn(layout, buf, x, bits), reference.expert_ffn(layout, buf, x, bits))
+
+
+def test_expert_ffn_units_reads_scattered_chunks(expert):
+    layout, buf = expert
+    bits = 5
+    units = to_units(layout, buf, bits)
+    arena = np.zeros((12, layout.unit_bytes), dtype=np.uint8)
+    where = np.array([9, 2, 7, 0, 11, -1, -1, -1])  # chunk c in unit where[c]; 5..7 not held
+    arena[where[:bits]] = units
+    x = tokens(3, D)
+    close(cpu.expert_ffn_units(layout, arena, where, x, bits),
+          reference.expert_ffn_units(layout, arena, where, x, bits))
+
+
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_moe_ffn_mixed_bits_one_call(expert, t):
+    """Several experts of one layer at different bits, CSR routing, one of them with no token."""
+    layout, buf = expert
+    slab = np.stack([buf, np.frombuffer(_shuffled(layout, buf), dtype=np.uint8), buf])  # 3 slots
+    rng = np.random.default_rng(t)
+    k = min(2, t)
+    routed = np.stack([rng.choice([0, 1, 3], k, replace=False) for _ in range(t)])  # expert 2 gets none
+    slots, bits = np.array([0, 1, 2, 0]), np.array([8, 3, 2, 5])
+    order = np.argsort(routed.ravel(), kind="stable")
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(routed.ravel(), minlength=4))])
+    tok = (order // k).astype(np.int64)
+    w = rng.random(t * k).astype(np.float32)
+    x = tokens(t, D).numpy()
+    close(cpu.moe_ffn(layout, slab, slots, bits, x, ptr, tok, w),
+          reference.moe_ffn(layout, slab, slots, bits, x, ptr, tok, w))
+
+
+def _shuffled(layout, buf):
+    """Another valid expert: the same matrices with rows reversed (a different byte pattern)."""
+    mats = {}
+    for name, _ in layout.matrices:
+        m = unpack_matrix(layout, buf, name, MAX_BITS)
+        m.planes, m.scale, m.minimum = m.planes[:, ::-1], m.scale[::-1], m.minimum[::-1]
+        m.alpha = None if m.alpha is None else m.alpha[:, ::-1]
+        mats[name] = m
+    return pack_expert(layout, mats)
+
+
+def test_backend_registered_and_refuses_short_buffers(expert):
+    layout, buf = expert
+    assert get_backend("cpu") is cpu
+    with pytest.raises(UsageError, match="4 bits need"):
+        cpu.nested_matmul(layout, buf[: layout.bytes_for_bits(4) - 1], "down", tokens(1, INTER), 4)
+    with pytest.raises(UsageError, match="bits must be in"):
+        cpu.expert_ffn(layout, buf, tokens(1, D), 9)
+    with pytest.raises(UsageError, match=r"expected \[T, 160\]"):
+        cpu.expert_ffn(layout, buf, tokens(1, D + 1), 4)
