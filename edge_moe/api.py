@@ -171,7 +171,10 @@ class Model:
         """Full-sequence forward: logits [T, V] float32 for every position."""
         ids = [int(t) for t in token_ids]
         cache = self._start(len(ids), {"bits": bits, **knobs})
-        return self._prefill(ids, cache, all_logits=True).numpy()
+        out = self._prefill(ids, cache, all_logits=True).numpy()
+        self.stats = {"prompt_tokens": len(ids), **self.pipeline.stats.as_dict(),
+                      "bytes_read": self.reader.bytes_read - self._bytes0, "peak_rss": self.rss.peak}
+        return out
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
                      quality: float | None = None, min_bits: int | None = None, max_bits: int | None = None,

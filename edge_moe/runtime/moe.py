@@ -42,14 +42,15 @@ class MoePipeline:
         self.stats = RunStats()
 
     def _wants(self, experts: torch.Tensor, weights: torch.Tensor, bits: torch.Tensor):
-        """Per routed expert: its tokens and slots, and a Want (must/want bits, heat)."""
+        """Per routed expert: its tokens, slots and each pair's bits, and a Want (must/want, heat)."""
         groups = []
         for e in torch.unique(experts).tolist():
             tokens, slots = torch.where(experts == e)
-            want = int(bits[tokens, slots].max())
+            pair_bits = bits[tokens, slots]
+            want = int(pair_bits.max())
             heat = len(tokens) + float(weights[tokens, slots].sum()) / (len(tokens) + 1)
             must = max(min(self.request.min_bits, want), 2)
-            groups.append((Want(e, must, want, heat), tokens, slots))
+            groups.append((Want(e, must, want, heat), tokens, slots, pair_bits))
         return sorted(groups, key=lambda g: -g[0].heat)
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
@@ -59,35 +60,41 @@ class MoePipeline:
         groups = self._wants(experts, weights, self.request.assign(weights))
         resident = {}
         with cache.lock:
-            for w, _, _ in groups:
+            for w, *_ in groups:
                 cache.pins[row, w.expert] += 1
                 resident[w.expert] = int(cache.held[row, w.expert])
         cache.record_routing(layer, np.bincount(experts.flatten().numpy(), minlength=self.cfg.num_experts))
         self.reader.submit(layer, [g[0] for g in groups], wait_upper=self.request.wait)
         out, pinned = torch.zeros_like(x), [g[0].expert for g in groups]
         try:
-            for w, tokens, slots in groups:
-                tokens_d = tokens.to(x.device)
-                y = self._compute(layer, row, w, x[tokens_d], resident[w.expert])
-                out.index_add_(0, tokens_d, y.to(x.device) * weights_d[tokens_d, slots.to(x.device), None])
+            for w, tokens, slots, pair_bits in groups:
+                for bits, y, sub in self._compute(layer, row, w, x, tokens, pair_bits, resident[w.expert]):
+                    t_d = tokens[sub].to(x.device)
+                    out.index_add_(0, t_d, y.to(x.device) * weights_d[t_d, slots[sub].to(x.device), None])
                 self._unpin(row, [pinned.pop(0)])
         finally:
             self._unpin(row, pinned)  # only after an error: normal exits hold no pins here
         self._prefetch(layer, x)
         return out
 
-    def _compute(self, layer: int, row: int, w: Want, xs: torch.Tensor, resident: int) -> torch.Tensor:
+    def _compute(self, layer: int, row: int, w: Want, x: torch.Tensor, tokens: torch.Tensor,
+                 pair_bits: torch.Tensor, resident: int):
+        """Yield (bits, y, token subset) per distinct width among the expert's (token, expert) pairs,
+        each capped by the levels held once the wait ends (never below `must`)."""
         t0 = time.perf_counter()
         held = self.reader.wait_for(layer, w.expert, w.must, w.want if self.request.wait else w.must)
         t1 = time.perf_counter()
-        bits = min(held, w.want)
-        assert bits >= w.must, (layer, w, held)
         units = self.cache.units[row, w.expert].copy()  # chunks below `held` never move while pinned
-        y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena.data, units, xs, bits)
+        assert held >= w.must, (layer, w, held)
+        used = torch.clamp(pair_bits, max=held)
+        for bits in torch.unique(used).tolist():
+            sub = torch.where(used == bits)[0]
+            xs = x[tokens[sub].to(x.device)]
+            y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena.data, units, xs, bits)
+            self.stats.record(bits, resident >= bits, int(pair_bits[sub].max()), n=len(sub))
+            yield bits, y, sub
         self.stats.stall_s += t1 - t0
         self.stats.expert_compute_s += time.perf_counter() - t1
-        self.stats.record(bits, resident >= bits, w.want)
-        return y
 
     def _unpin(self, row: int, experts: list[int]) -> None:
         with self.cache.lock:

@@ -19,19 +19,20 @@ class RunStats:
     hits: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))  # by bits used
     misses: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))
     bits_used: np.ndarray = field(default_factory=lambda: np.zeros(MAX_BITS + 1, np.int64))
-    degraded: int = 0  # expert computations below the bits wanted (levels late or no room)
+    degraded: int = 0  # (token, expert) pairs computed below the bits wanted (levels late or no room)
 
-    def record(self, bits: int, was_resident: bool, wanted: int) -> None:
+    def record(self, bits: int, was_resident: bool, wanted: int, n: int = 1) -> None:
+        """One expert computation at `bits` over n (token, expert) pairs."""
         self.expert_calls += 1
-        self.bits_used[bits] += 1
-        (self.hits if was_resident else self.misses)[bits] += 1
-        self.degraded += bits < wanted
+        self.bits_used[bits] += n
+        (self.hits if was_resident else self.misses)[bits] += n
+        self.degraded += n if bits < wanted else 0
 
     def as_dict(self) -> dict:
-        used = {b: int(n) for b, n in enumerate(self.bits_used) if n}
-        calls = max(self.expert_calls, 1)
+        used = {b: int(n) for b, n in enumerate(self.bits_used) if n}  # (token, expert) pairs per width
+        pairs = max(int(self.bits_used.sum()), 1)
         return {"stall_s": self.stall_s, "expert_compute_s": self.expert_compute_s,
-                "expert_calls": self.expert_calls, "hit_rate": float(self.hits.sum()) / calls,
+                "expert_calls": self.expert_calls, "hit_rate": float(self.hits.sum()) / pairs,
                 "hits_by_bits": {b: int(n) for b, n in enumerate(self.hits) if n},
-                "bits_histogram": used, "degraded_calls": self.degraded,
-                "mean_bits": float(sum(b * n for b, n in used.items()) / calls)}
+                "bits_histogram": used, "degraded_pairs": self.degraded,
+                "mean_bits": float(sum(b * n for b, n in used.items()) / pairs)}
