@@ -157,6 +157,8 @@ class Model:
             raise UsageError(f"{n_tokens} tokens exceed the context of {self.max_context}; "
                              "raise --max-context or shorten the prompt / --max-tokens")
         self.pipeline.request = BitRequest.make(**knobs)
+        with self.cache.lock:  # below min_bits an expert is useless: keep or drop those chunks together
+            self.cache.floor = max(2, self.pipeline.request.min_bits)
         self.pipeline.stats = RunStats()
         self._bytes0 = self.reader.bytes_read
         self.rss.reset()

@@ -37,6 +37,8 @@ class ExpertCache:
         self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
         self.hot = np.zeros(shape, dtype=np.float64)
         self.pins = np.zeros(shape, dtype=np.int64)
+        # chunks an expert is useless without (the request's min_bits): evicted together, last
+        self.floor = BASE_CHUNKS
         self.last_used = np.zeros(shape, dtype=np.int64)  # routing step, for the LRU baseline
         self._step = 0
         self.free = list(range(n_units - 1, -1, -1))
@@ -71,14 +73,14 @@ class ExpertCache:
             r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
                                     movable.shape)
             return int(r), int(e), int(self.held[r, e]), 0.0
-        upper = movable & (self.held > BASE_CHUNKS)
+        upper = movable & (self.held > self.floor)
         if upper.any():
             value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
             r, e = np.unravel_index(np.argmin(value), value.shape)
             return int(r), int(e), 1, float(value[r, e])
         if movable.any():
             r, e = np.unravel_index(np.argmin(np.where(movable, self.hot, np.inf)), self.hot.shape)
-            return int(r), int(e), BASE_CHUNKS, self.value(r, e, 0)
+            return int(r), int(e), int(self.held[r, e]), self.value(r, e, 0)
         return None
 
     def take_units(self, n: int, keep: tuple[int, int], worth: float = np.inf) -> list[int] | None:

@@ -80,3 +80,14 @@ def test_best_effort_loads_only_evict_cheaper_chunks():
     assert cache.held[0, 0] == 4  # nothing was evicted for it
     assert cache.take_units(1, keep=(1, 1)) is not None  # a must-read still gets room
     assert cache.held[0, 0] == 3
+
+
+def test_chunks_below_the_floor_are_evicted_together():
+    cache = small_cache(8)
+    cache.floor = 3  # a request with min_bits=3: an expert with 2 chunks is useless
+    fill(cache, 0, 0, 4, hot=1.0)
+    fill(cache, 0, 1, 3, hot=9.0)
+    cache.take_units(2, keep=(1, 0))  # 1 unit is free; the 2nd comes from expert 0's 4th chunk
+    assert list(cache.held[0, :2]) == [3, 3]
+    cache.take_units(3, keep=(1, 0))  # then the coldest expert goes whole, not down to 2 chunks
+    assert list(cache.held[0, :2]) == [0, 3]
