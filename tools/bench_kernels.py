@@ -77,7 +77,7 @@ class Quiet:
         self.best = min(self.best, t)  # a baseline taken while busy improves once it is quiet
         return t < 1.3 * self.best
 
-    def wait(self, limit_s: float = 60.0) -> None:
+    def wait(self, limit_s: float = 30.0) -> None:
         t0 = time.perf_counter()
         while not self.ok() and time.perf_counter() - t0 < limit_s:
             time.sleep(2.0)
@@ -87,8 +87,8 @@ QUIET: Quiet | None = None
 
 
 def median(fn, reps: int) -> float:
-    """Median seconds of reps calls, taken again (up to 3 times) if the machine got busy meanwhile."""
-    for _ in range(3):
+    """Median seconds of reps calls, taken again (up to 2 times) if the machine got busy meanwhile."""
+    for _ in range(2):
         if QUIET:
             QUIET.wait()
         ts = []
@@ -259,7 +259,7 @@ def main(argv=None) -> None:
     print("GEMM (prefill chunk / several tokens on one expert)\n" + table(header, gemm, fmt) + "\n")
     moe = table(["T", "bits", "ms", "GB/s", "of BW"], moe, ["{}", "{}", "{:.2f}", "{:.1f}", "{:.0%}"])
     print(f"moe_ffn: one OLMoE layer (D 2048, I 1024, 8 of 64 experts), one numba call\n{moe}\n")
-    print(f"medians still disturbed by other processes after 3 tries: {QUIET.noisy}\n")
+    print(f"medians still disturbed by other processes after 2 tries: {QUIET.noisy}\n")
     print("first call (fresh process): import s | first expert_ffn s | other kernels s")
     for label, vals in first_call(args.scheme):
         print(f"  {label}: " + " | ".join(vals))

@@ -68,7 +68,7 @@ class MoePipeline:
         out, pinned = torch.zeros_like(x), [g[0].expert for g in groups]
         try:
             for w, tokens, slots, pair_bits in groups:
-                for bits, y, sub in self._compute(layer, row, w, x, tokens, pair_bits, resident[w.expert]):
+                for _bits, y, sub in self._compute(layer, row, w, x, tokens, pair_bits, resident[w.expert]):
                     t_d = tokens[sub].to(x.device)
                     out.index_add_(0, t_d, y.to(x.device) * weights_d[t_d, slots[sub].to(x.device), None])
                 self._unpin(row, [pinned.pop(0)])
