@@ -130,7 +130,7 @@ class Model:
         if memory_budget is None:
             return None
         cfg = self.config
-        kv = 2 * cfg.num_layers * self.max_context * cfg.num_kv_heads * cfg.head_dim * 4
+        kv = KVCache.bytes_for(cfg, self.max_context)
         return plan_memory(parse_size(memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
                            self.layout.unit_bytes, self.prefill_chunk, self.max_context, baseline)
 
@@ -140,7 +140,7 @@ class Model:
         everything = len(cfg.moe_layers) * cfg.num_experts * 8
         if gpu_memory_budget is None:
             return everything
-        kv = 2 * cfg.num_layers * self.max_context * cfg.num_kv_heads * cfg.head_dim * 4
+        kv = KVCache.bytes_for(cfg, self.max_context)
         plan = plan_memory(parse_size(gpu_memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
                            unit, self.prefill_chunk, self.max_context, baseline=0, what="--gpu-memory-budget",
                            min_margin=GPU_MIN_MARGIN)

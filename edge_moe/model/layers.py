@@ -54,6 +54,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, max_tokens: int, itemsize: int = 4) -> int:
+        """Bytes a cache of `max_tokens` tokens takes (keys and values of every layer)."""
+        return 2 * cfg.num_layers * max_tokens * cfg.num_kv_heads * cfg.head_dim * itemsize
+
 
 def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
               rope: Rope) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 import edge_moe
 from edge_moe.errors import BudgetError, UsageError
-from edge_moe.model.layers import route
+from edge_moe.model.layers import KVCache, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
 
 CHILD = """
@@ -38,7 +38,7 @@ def tight_budget(model_path, cache_bytes: int) -> int:
     """A budget leaving `cache_bytes` for experts in this process (what plan_memory will compute)."""
     with edge_moe.load(model_path) as probe:
         cfg, dense = probe.config, sum(t.nbytes for t in probe.decoder.w.values())
-        kv = 2 * cfg.num_layers * probe.max_context * cfg.num_kv_heads * cfg.head_dim * 4
+        kv = KVCache.bytes_for(cfg, probe.max_context)
         acts = activation_bytes(cfg, probe.prefill_chunk, probe.max_context)
     return current_rss() + dense + kv + acts + MIN_MARGIN + cache_bytes
 
