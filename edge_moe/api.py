@@ -203,7 +203,8 @@ class Model:
     def _record(self, prompt: int, new: int, prefill_s: float, decode_s: float) -> None:
         read = self.reader.bytes_read - self._bytes0
         self.stats = {"prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
-                      "decode_tokens_per_s": new / decode_s if decode_s > 0 else 0.0,
+                      # the first new token comes from the prefill's logits: n tokens, n - 1 decode steps
+                      "decode_tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
                       **self.pipeline.stats.as_dict(),
                       "stall_fraction": self.pipeline.stats.stall_s / max(prefill_s + decode_s, 1e-9),
                       "bytes_read": read, "bytes_read_per_token": read / max(prompt + new, 1),

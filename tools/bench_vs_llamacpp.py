@@ -105,10 +105,11 @@ def write_gpt2_tokenizer(tree: Path, dst: Path) -> None:
 
 
 def gguf_files(ckpt: Path, convert: Path, quantize: Path) -> dict[str, Path]:
-    """{type: path}: the checkpoint as a bf16 GGUF, then each of GGUF_TYPES by llama-quantize."""
+    """{type: path}: each of GGUF_TYPES by llama-quantize from a bf16 GGUF of the checkpoint."""
     work, logs = ckpt.parent, ckpt.parent / "logs"
-    bf16 = work / f"{ckpt.name}-bf16.gguf"
-    if not bf16.exists():
+    out = {t: work / f"{ckpt.name}-{t}.gguf" for t in GGUF_TYPES}
+    bf16 = work / f"{ckpt.name}-bf16.gguf"  # kept for re-runs; delete it to save disk
+    if not all(p.exists() for p in out.values()) and not bf16.exists():
         copy = work / f"{ckpt.name}-gpt2tok"  # never touch the source checkpoint
         shutil.rmtree(copy, ignore_errors=True)
         copy.mkdir()
@@ -119,11 +120,9 @@ def gguf_files(ckpt: Path, convert: Path, quantize: Path) -> dict[str, Path]:
         write_gpt2_tokenizer(convert.parent, copy)
         run_logged([sys.executable, convert, copy, "--outtype", "bf16", "--outfile", bf16],
                    logs / f"{ckpt.name}-gguf-convert.log")
-    out = {}
-    for t in GGUF_TYPES:
-        out[t] = work / f"{ckpt.name}-{t}.gguf"
-        if not out[t].exists():
-            run_logged([quantize, bf16, out[t], t], logs / f"{ckpt.name}-quantize-{t}.log")
+    for t, path in out.items():
+        if not path.exists():
+            run_logged([quantize, bf16, path, t], logs / f"{ckpt.name}-quantize-{t}.log")
     return out
 
 
@@ -136,7 +135,7 @@ def llama_bench(bench: Path, files: dict[str, Path], args) -> dict[str, list[flo
         cmd += ["-m", f]
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if res.returncode != 0:
-        sys.exit(f"llama-bench failed: {res.stderr[-3000:]}")
+        sys.exit(f"llama-bench failed ({res.returncode}): {res.stderr[-3000:]}")
     return {t: r["samples_ts"] for t, r in zip(files, json.loads(res.stdout), strict=True)}
 
 
