@@ -1,13 +1,11 @@
-"""Ops by name and backend: `reference` (numpy/torch, the oracle); faster backends register here."""
+"""Ops by name and backend: `reference` (numpy/torch, the oracle), `cpu` (numba), `cuda` (native/)."""
 
 from __future__ import annotations
 
 from edge_moe.errors import UsageError
-from edge_moe.kernels import reference
+from edge_moe.kernels import cpu, cuda, reference  # cuda builds its extension lazily, at first use
 
-BACKENDS = {"reference": reference}
-BACKENDS["cpu"] = __import__("edge_moe.kernels.cpu", fromlist=["cpu"])  # numba; cached compile at first call
-BACKENDS["cuda"] = __import__("edge_moe.kernels.cuda", fromlist=["cuda"])  # builds at first use
+BACKENDS = {"reference": reference, "cpu": cpu, "cuda": cuda}
 
 
 def get_backend(name: str):
