@@ -647,6 +647,22 @@ def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray,
     return _single(plan, np.where(units >= 0, _address(arena) + units * arena.strides[0], 0), bits, x)
 
 
+def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
+                  x: torch.Tensor, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """A layer's active experts held as arena units, in one call (see reference.moe_ffn_units)."""
+    plan = _plan(layout)
+    units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)[:, :MAX_BITS]
+    bits = np.asarray(bits, dtype=np.int64)
+    for j, b in enumerate(bits.tolist()):
+        b = _check_bits(plan, plan.need[-1], b, "layout")
+        if (units[j, :b] < 0).any():
+            raise UsageError(f"entry {j} at {b} bits lacks chunks: units {units[j]}")
+    if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
+        raise UsageError("arena must be a C-contiguous uint8 array")
+    cas = np.where(units >= 0, _address(arena) + units * arena.strides[0], 0)
+    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights))
+
+
 def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.ndarray,
             x: np.ndarray, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """All of a layer's active experts in one call (see reference.moe_ffn for the CSR contract)."""

@@ -227,6 +227,19 @@ def moe_ffn(layout: ExpertLayout, slab, slots, bits, x: torch.Tensor, ptr, token
     return out
 
 
+def moe_ffn_units(layout: ExpertLayout, arena: torch.Tensor, units, bits, x: torch.Tensor, ptr, tokens,
+                  weights) -> torch.Tensor:
+    """moe_ffn on experts cached as arena units: gather each entry into a slab row, then one moe_ffn.
+    The gather costs one extra device copy of the active bytes."""
+    bits = _host_ints(bits)
+    width = layout.bytes_for_bits(max(bits)) if bits else 0
+    slab = torch.zeros((len(bits), width), dtype=torch.uint8, device=arena.device)
+    for j, b in enumerate(bits):
+        row = gather_units(layout, arena, units[j], b)
+        slab[j, :row.numel()] = row
+    return moe_ffn(layout, slab, list(range(len(bits))), bits, x, ptr, tokens, weights)
+
+
 def _host_ints(v) -> list[int]:
     if isinstance(v, torch.Tensor):
         v = v.cpu().numpy()

@@ -48,3 +48,17 @@ def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray,
                      bits: int) -> torch.Tensor:
     """expert_ffn on an expert whose chunk c lives in arena[units[c]] (the expert cache's form)."""
     return expert_ffn(layout, from_units(layout, arena, units, bits), x, bits)
+
+
+def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
+                  x: torch.Tensor, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """moe_ffn on experts held as arena units (the runtime's form): entry j's chunk c is
+    arena[units[j, c]]; x [T, D] -> out [T, D] float32 on x's device."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    xt = x.detach().float().cpu()
+    for j in range(len(bits)):
+        rows = torch.from_numpy(np.asarray(tokens[ptr[j]:ptr[j + 1]], dtype=np.int64))
+        if len(rows):
+            y = expert_ffn_units(layout, arena, units[j], xt[rows], int(bits[j]))
+            out.index_add_(0, rows, y * torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]], np.float32))[:, None])
+    return out.to(x.device)

@@ -87,6 +87,37 @@ def test_moe_ffn_mixed_bits_one_call(expert, t):
           reference.moe_ffn(layout, slab, slots, bits, x, ptr, tok, w))
 
 
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_moe_ffn_units_scattered_chunks_mixed_bits(expert, t):
+    """A layer's experts held as scattered arena units, one expert twice at two widths (the runtime
+    splits an expert's tokens by width), against the reference on the same units."""
+    layout, buf = expert
+    other = np.frombuffer(_shuffled(layout, buf), dtype=np.uint8)
+    arena = np.zeros((20, layout.unit_bytes), dtype=np.uint8)
+    units = np.array([[3, 17, 5, 9, 0, 12, 1, 19], [2, 4, 6, 8, 10, -1, -1, -1],
+                      [3, 17, 5, 9, 0, 12, 1, 19]])
+    arena[units[0]] = to_units(layout, buf)
+    arena[units[1, :5]] = to_units(layout, other, 5)
+    bits = np.array([8, 5, 3])
+    rng = np.random.default_rng(t)
+    counts = rng.integers(0, t + 1, size=3)
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    tok = np.concatenate([rng.choice(t, c, replace=False) for c in counts]).astype(np.int64)
+    w = rng.random(len(tok)).astype(np.float32)
+    x = tokens(t, D)
+    close(cpu.moe_ffn_units(layout, arena, units, bits, x, ptr, tok, w),
+          reference.moe_ffn_units(layout, arena, units, bits, x, ptr, tok, w))
+
+
+def test_moe_ffn_units_refuses_missing_chunks(expert):
+    layout, buf = expert
+    arena = np.zeros((4, layout.unit_bytes), dtype=np.uint8)
+    units = np.array([[0, 1, 2, -1, -1, -1, -1, -1]])
+    with pytest.raises(UsageError, match="lacks chunks"):
+        cpu.moe_ffn_units(layout, arena, units, np.array([4]), tokens(1, D), np.array([0, 1]),
+                          np.array([0]), np.ones(1, np.float32))
+
+
 def _shuffled(layout, buf):
     """Another valid expert: the same matrices with rows reversed (a different byte pattern)."""
     mats = {}
