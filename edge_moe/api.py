@@ -19,11 +19,12 @@ from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
+from edge_moe.model.packed import check_dense_bits, pack_linear, packs
 from edge_moe.model.weights import expert_shapes
 from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
-from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory
+from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
 from edge_moe.runtime.moe import STREAMING, MoePipeline
 from edge_moe.runtime.reader import Reader
 from edge_moe.runtime.sampling import sample
@@ -32,11 +33,13 @@ from edge_moe.runtime.stats import RunStats
 DEMO_MODEL = Path(__file__).parent / "data" / "demo.emoe"
 
 
-def _dense_weights(container: Container, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _dense_weights(container: Container, dtype: torch.dtype, bits: int, backend) -> dict:
+    """Dense tensors in `dtype`; with bits < 16 the embedding, projections and LM head are packed one
+    by one as they are read."""
     out = {}
     for name, entry in container.manifest["dense"].items():
-        raw = torch.from_numpy(container.read_dense(name)).view(torch.bfloat16)
-        out[name] = raw.reshape(entry["shape"]).to(dtype)
+        raw = torch.from_numpy(container.read_dense(name)).view(torch.bfloat16).reshape(entry["shape"])
+        out[name] = pack_linear(raw, bits, backend) if bits < 16 and packs(name) else raw.to(dtype)
     return out
 
 
@@ -86,10 +89,16 @@ class Model:
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str | None = None,
                  dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str = "hebf",
-                 threads: int | None = None, gpu_memory_budget=None):
+                 threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None):
+        """dense_bits: 4..8 packs the projections and LM head as nested bit-planes (cpu; default 8),
+        16 keeps them in `dense_dtype` (the default on cuda)."""
         self.device = _check_device(device)
         backend = backend or default_backend(self.device)
-        get_backend(backend)  # import (and load numba) before measuring the baseline
+        kernels = get_backend(backend)  # import (and load numba) before measuring the baseline
+        self.dense_bits = check_dense_bits(dense_bits if dense_bits is not None
+                                           else 16 if self.device.type == "cuda" else 8)
+        if self.dense_bits < 16 and self.device.type == "cuda":
+            raise UsageError("packed dense weights run on the cpu only; use --dense-bits 16 with --device cuda")
         baseline = current_rss()
         self.rss = PeakRss()
         self.path, self.prefill_chunk = Path(path), int(prefill_chunk)
@@ -104,7 +113,8 @@ class Model:
         _set_threads(threads, cfg)
         self.tokenizer = _tokenizer(self.container)
         self.eos_ids = _eos_ids(self.container, self.tokenizer)
-        dense = _dense_weights(self.container, dense_dtype)
+        dense = _dense_weights(self.container, dense_dtype, self.dense_bits, kernels)
+        trim_heap()
         self.memory_plan = self._plan(memory_budget, dense, baseline)
         units = self.memory_plan.cache_units if self.memory_plan else len(cfg.moe_layers) * cfg.num_experts * 8
         if self.device.type == "cuda":
@@ -118,7 +128,7 @@ class Model:
         self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
-        self.pipeline = MoePipeline(cfg, self.cache, self.reader, get_backend(backend), routers,
+        self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers,
                                     prefetch=prefetch, keep=keep)
         self.decoder = Decoder(cfg, dense, self.pipeline)
         self.stats: dict = {}

@@ -22,7 +22,7 @@ def _run(args) -> None:
 
     model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
                  backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
-                 gpu_memory_budget=args.gpu_memory_budget)
+                 gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits)
     if model.memory_plan is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     print(args.prompt, end="", flush=True)
@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     r.add_argument("--gpu-memory-budget", default=None,
                    help="with --device cuda: VRAM for dense weights, KV cache and cached experts")
+    r.add_argument("--dense-bits", type=int, default=None,
+                   help="embedding, attention and LM head width: 4..8 packs them as bit-planes at load "
+                        "(cpu default 8), 16 keeps the file's bf16 (cuda default)")
     r.add_argument("--backend", default=None, help="kernel backend (default: the fastest for the device)")
     r.add_argument("--drop-page-cache", action="store_true",
                    help="have the OS forget expert pages after each read (measures the disk, not RAM)")

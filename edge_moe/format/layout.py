@@ -116,12 +116,20 @@ def _section_values(m: NestedMatrix, s: Section) -> np.ndarray:
 
 def pack_expert(layout: ExpertLayout, mats: dict[str, NestedMatrix]) -> bytes:
     """Serialize one expert's quantized matrices into its chunk-ordered byte range."""
-    buf = bytearray(layout.nbytes)
+    buf = np.zeros(layout.nbytes, dtype=np.uint8)
+    pack_rows(layout, buf, mats, 0)
+    return buf.tobytes()
+
+
+def pack_rows(layout: ExpertLayout, buf: np.ndarray, mats: dict[str, NestedMatrix], row0: int) -> None:
+    """Write quantized rows row0.. of each matrix into the sections that `buf` (a prefix of the
+    range: its first chunks) holds; a large matrix is packed block by block this way."""
     for s in layout.sections:
-        values = np.ascontiguousarray(_section_values(mats[s.matrix], s), dtype=s.dtype)
-        assert values.shape == s.shape, (s, values.shape)
-        buf[s.offset:s.offset + s.nbytes] = values.tobytes()
-    return bytes(buf)
+        if s.offset + s.nbytes > buf.nbytes:
+            continue
+        values = _section_values(mats[s.matrix], s)
+        assert values.shape[1:] == s.shape[1:] and row0 + len(values) <= s.shape[0], (s, values.shape, row0)
+        _view(buf, s)[row0:row0 + len(values)] = values
 
 
 def _view(buf: np.ndarray, s: Section) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 
 from edge_moe.config import ModelConfig
 from edge_moe.errors import UnsupportedArchitecture
-from edge_moe.model.layers import KVCache, Rope, attention, linear, rms_norm, route, swiglu
+from edge_moe.model.layers import KVCache, Rope, attention, embed, linear, rms_norm, route, swiglu
 
 
 class Experts(Protocol):
@@ -30,7 +30,7 @@ class Decoder:
 
     @property
     def device(self) -> torch.device:
-        return self.w["embed"].device
+        return self.w["final_norm"].device
 
     def new_cache(self, max_tokens: int) -> KVCache:
         return KVCache(self.cfg, max_tokens, device=self.device)
@@ -54,7 +54,7 @@ class Decoder:
         cfg, w = self.cfg, self.w
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
-        h = w["embed"][ids.to(self.device)].float()  # [T, D]
+        h = embed(w["embed"], ids.to(self.device))  # [T, D]
         for i in range(cfg.num_layers):
             p = f"layers.{i}"
             h = h + attention(rms_norm(h, w[f"{p}.attn_norm"], cfg.rms_norm_eps), w, cfg, i, cache, self.rope)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_moe.config import ModelConfig
+from edge_moe.model.packed import PackedLinear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -13,10 +14,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) in the weights' dtype, returned as float32 (the residual stream's dtype)."""
+    if isinstance(w, PackedLinear):
+        y = w(x)
+        return y if bias is None else y + bias.float()
     y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
     return y.float()
+
+
+def embed(table: torch.Tensor | PackedLinear, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of the embedding table as float32 [T, D]."""
+    return table.rows(ids) if isinstance(table, PackedLinear) else table[ids].float()
 
 
 class Rope:

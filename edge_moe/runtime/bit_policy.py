@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from edge_moe.errors import UsageError
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
@@ -43,15 +43,17 @@ class BitRequest:
         q = None if quality is None else float(quality)
         return cls(quality=q, min_bits=lo, max_bits=hi, wait=bool(wait) if wait is not None else q is None)
 
-    def assign(self, weights: torch.Tensor) -> torch.Tensor:
-        """Bits [T, K] for gate weights [T, K] (any order)."""
+    def assign(self, weights: np.ndarray) -> np.ndarray:
+        """Bits int64 [T, K] for gate weights [T, K] (any order)."""
+        weights = np.asarray(weights, dtype=np.float64)
         if self.quality is None:
-            return torch.full(weights.shape, self.max_bits, dtype=torch.int64)
-        share = weights / weights.sum(-1, keepdim=True)
-        order = torch.argsort(share, dim=-1, descending=True)
-        before = torch.cumsum(torch.gather(share, -1, order), -1) - torch.gather(share, -1, order)
-        high = torch.empty_like(before, dtype=torch.bool).scatter_(-1, order, before < self.quality)
-        return torch.where(high, self.max_bits, self.min_bits).to(torch.int64)
+            return np.full(weights.shape, self.max_bits, dtype=np.int64)
+        share = weights / weights.sum(-1, keepdims=True)
+        order = np.argsort(-share, axis=-1, kind="stable")
+        ranked = np.take_along_axis(share, order, -1)
+        high = np.empty(share.shape, dtype=bool)
+        np.put_along_axis(high, order, np.cumsum(ranked, -1) - ranked < self.quality, -1)
+        return np.where(high, self.max_bits, self.min_bits).astype(np.int64)
 
 
 def _check(name: str, value) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 
@@ -76,6 +77,15 @@ def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, 
             f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
             f"raise {what} (or lower --max-context)")
     return plan
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps large freed blocks after load-time work,
+    which would otherwise stay in RSS for the whole run); a no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakRss:

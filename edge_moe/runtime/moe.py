@@ -1,18 +1,22 @@
-"""The MoE layer pipeline: route -> bits -> HEBF reads -> compute each expert as its levels land.
+"""The MoE layer pipeline: route -> bits -> HEBF reads -> compute experts in batches as their levels land.
 
-The compute thread pins the layer's experts, hands the reader their wanted levels (hottest expert
-first), computes each expert as soon as it holds what it must, unpins it, and finally asks the
-reader to prefetch the next MoE layer's likely experts by applying that layer's router to this
-layer's input (its best available guess of the next hidden state).
+The compute thread pins the layer's experts and hands the reader their wanted levels (hottest
+expert first). Then, until every expert is done, it takes all experts that already hold what they
+need (or, when none does, waits for the hottest one) and computes them in one kernel call, so a
+fully resident layer is one call and a streamed one overlaps its reads. Last it asks the reader to
+prefetch the next MoE layer's likely experts by applying that layer's router to this layer's input
+(its best available guess of the next hidden state).
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from edge_moe.format.nested import BASE_BITS
 from edge_moe.model.layers import route
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
@@ -29,6 +33,31 @@ STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
 }
 
 
+class Routed(NamedTuple):
+    """One routed expert of a layer: its Want and its (token, expert) pairs."""
+
+    want: Want
+    tokens: np.ndarray  # [n] token rows
+    weights: np.ndarray  # [n] gate weights
+    bits: np.ndarray  # [n] each pair's bits
+
+
+def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray, min_bits: int) -> list[Routed]:
+    """Routed experts, hottest first (heat: tokens routed, ties broken by gate mass)."""
+    flat = experts.ravel()
+    order = np.argsort(flat, kind="stable")
+    ids, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    tokens, w, b = order // experts.shape[1], weights.ravel()[order], bits.ravel()[order]
+    routed = []
+    for e, s, n in zip(ids.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        pair = slice(s, s + n)
+        want = int(b[pair].max())
+        heat = n + float(w[pair].sum()) / (n + 1)
+        routed.append(Routed(Want(e, max(min(min_bits, want), BASE_BITS), want, heat), tokens[pair], w[pair],
+                             b[pair]))
+    return sorted(routed, key=lambda r: -r.want.heat)
+
+
 class MoePipeline:
     """The decoder's `experts` callable, streaming expert levels through the cache."""
 
@@ -41,60 +70,67 @@ class MoePipeline:
         self.request = BitRequest()
         self.stats = RunStats()
 
-    def _wants(self, experts: torch.Tensor, weights: torch.Tensor, bits: torch.Tensor):
-        """Per routed expert: its tokens, slots and each pair's bits, and a Want (must/want, heat)."""
-        groups = []
-        for e in torch.unique(experts).tolist():
-            tokens, slots = torch.where(experts == e)
-            pair_bits = bits[tokens, slots]
-            want = int(pair_bits.max())
-            heat = len(tokens) + float(weights[tokens, slots].sum()) / (len(tokens) + 1)
-            must = max(min(self.request.min_bits, want), 2)
-            groups.append((Want(e, must, want, heat), tokens, slots, pair_bits))
-        return sorted(groups, key=lambda g: -g[0].heat)
+    def _route(self, weights: torch.Tensor, experts: torch.Tensor) -> tuple[list[Routed], np.ndarray]:
+        experts, weights = experts.cpu().numpy(), weights.float().cpu().numpy()  # bookkeeping on the host
+        return group_by_expert(experts, weights, self.request.assign(weights), self.request.min_bits), experts
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
                  experts: torch.Tensor) -> torch.Tensor:
         cache, row = self.cache, self.cache.row[layer]
-        weights_d, experts, weights = weights, experts.cpu(), weights.cpu()  # bookkeeping on the host
-        groups = self._wants(experts, weights, self.request.assign(weights))
-        resident = {}
+        routed, experts = self._route(weights, experts)
         with cache.lock:
-            for w, *_ in groups:
-                cache.pins[row, w.expert] += 1
-                resident[w.expert] = int(cache.held[row, w.expert])
-        cache.record_routing(layer, np.bincount(experts.flatten().numpy(), minlength=self.cfg.num_experts))
-        self.reader.submit(layer, [g[0] for g in groups], wait_upper=self.request.wait)
-        out, pinned = torch.zeros_like(x), [g[0].expert for g in groups]
+            resident = {r.want.expert: int(cache.held[row, r.want.expert]) for r in routed}
+            cache.pins[row, list(resident)] += 1
+        cache.record_routing(layer, np.bincount(experts.ravel(), minlength=self.cfg.num_experts))
+        self.reader.submit(layer, [r.want for r in routed], wait_upper=self.request.wait)
+        out, pending, pinned = None, routed, set(resident)
         try:
-            for w, tokens, slots, pair_bits in groups:
-                for _bits, y, sub in self._compute(layer, row, w, x, tokens, pair_bits, resident[w.expert]):
-                    t_d = tokens[sub].to(x.device)
-                    out.index_add_(0, t_d, y.to(x.device) * weights_d[t_d, slots[sub].to(x.device), None])
-                self._unpin(row, [pinned.pop(0)])
+            while pending:
+                ready, pending = self._take_ready(layer, pending)
+                y = self._compute(row, ready, x, resident)
+                out = y if out is None else out.add_(y)
+                done = [r.want.expert for r, _ in ready]
+                pinned.difference_update(done)
+                self._unpin(row, done)
         finally:
-            self._unpin(row, pinned)  # only after an error: normal exits hold no pins here
+            self._unpin(row, list(pinned))  # only after an error
         self._prefetch(layer, x)
         return out
 
-    def _compute(self, layer: int, row: int, w: Want, x: torch.Tensor, tokens: torch.Tensor,
-                 pair_bits: torch.Tensor, resident: int):
-        """Yield (bits, y, token subset) per distinct width among the expert's (token, expert) pairs,
-        each capped by the levels held once the wait ends (never below `must`)."""
+    def _target(self, w: Want) -> int:
+        return w.want if self.request.wait else w.must
+
+    def _take_ready(self, layer: int, pending: list[Routed]):
+        """([(routed, chunks held)] ready to compute, the rest); waits for the hottest when none is."""
+        held = self.reader.poll(layer, [(r.want.expert, r.want.must, self._target(r.want)) for r in pending])
+        if all(h is None for h in held):
+            t0 = time.perf_counter()
+            w = pending[0].want
+            held[0] = self.reader.wait_for(layer, w.expert, w.must, self._target(w))
+            self.stats.stall_s += time.perf_counter() - t0
+        ready = [(r, h) for r, h in zip(pending, held, strict=True) if h is not None]
+        return ready, [r for r, h in zip(pending, held, strict=True) if h is None]
+
+    def _compute(self, row: int, ready: list[tuple[Routed, int]], x: torch.Tensor,
+                 resident: dict[int, int]) -> torch.Tensor:
+        """One kernel call over the ready experts; an expert's pairs split by width, each capped by
+        the levels held (never below `must`)."""
+        units, bits, ptr, tokens, weights = [], [], [0], [], []
+        for r, held in ready:
+            assert held >= r.want.must, (r.want, held)
+            expert_units = self.cache.units[row, r.want.expert].copy()  # chunks < held stay while pinned
+            used = np.minimum(r.bits, held)
+            for b in np.unique(used).tolist():
+                sel = used == b
+                units.append(expert_units), bits.append(b), tokens.append(r.tokens[sel])
+                weights.append(r.weights[sel]), ptr.append(ptr[-1] + int(sel.sum()))
+                self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=int(sel.sum()))
         t0 = time.perf_counter()
-        held = self.reader.wait_for(layer, w.expert, w.must, w.want if self.request.wait else w.must)
-        t1 = time.perf_counter()
-        units = self.cache.units[row, w.expert].copy()  # chunks below `held` never move while pinned
-        assert held >= w.must, (layer, w, held)
-        used = torch.clamp(pair_bits, max=held)
-        for bits in torch.unique(used).tolist():
-            sub = torch.where(used == bits)[0]
-            xs = x[tokens[sub].to(x.device)]
-            y = self.backend.expert_ffn_units(self.cache.layout, self.cache.arena.data, units, xs, bits)
-            self.stats.record(bits, resident >= bits, int(pair_bits[sub].max()), n=len(sub))
-            yield bits, y, sub
-        self.stats.stall_s += t1 - t0
-        self.stats.expert_compute_s += time.perf_counter() - t1
+        y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
+                                       np.array(bits, np.int64), x, np.array(ptr, np.int64),
+                                       np.concatenate(tokens), np.concatenate(weights).astype(np.float32))
+        self.stats.expert_compute_s += time.perf_counter() - t0
+        return y
 
     def _unpin(self, row: int, experts: list[int]) -> None:
         with self.cache.lock:
@@ -108,6 +144,5 @@ class MoePipeline:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
-        weights, experts = (t.cpu() for t in route(x, self.routers[nxt], self.cfg))
-        groups = self._wants(experts, weights, self.request.assign(weights))
-        self.reader.submit(nxt, [g[0] for g in groups], prefetch=True)
+        routed, _ = self._route(*route(x, self.routers[nxt], self.cfg))
+        self.reader.submit(nxt, [r.want for r in routed], prefetch=True)

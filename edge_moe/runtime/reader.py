@@ -141,21 +141,29 @@ class Reader:
             self._busy = False
             cache.lock.notify_all()
 
+    def _ready(self, row: int, expert: int, must: int, want: int) -> bool:
+        held = self.cache.held[row, expert]
+        return bool(held >= want or self.failed is not None or self._tried.get((row, expert), 0) >= want
+                    or (held >= must and self.blocked))
+
     def wait_for(self, layer: int, expert: int, must: int, want: int) -> int:
         """Block until the expert holds `want` chunks, or the reader tried, or it holds `must` and the
         reader is blocked for room (waiting longer could deadlock); returns the chunks held."""
-        cache, row = self.cache, self.cache.row[layer]
-
-        def ready() -> bool:
-            held = cache.held[row, expert]
-            return (held >= want or self.failed is not None or self._tried.get((row, expert), 0) >= want
-                    or (held >= must and self.blocked))
-
-        with cache.lock:
-            cache.lock.wait_for(ready)
+        row = self.cache.row[layer]
+        with self.cache.lock:
+            self.cache.lock.wait_for(lambda: self._ready(row, expert, must, want))
             if self.failed is not None:
                 raise self.failed
-            return int(cache.held[row, expert])
+            return int(self.cache.held[row, expert])
+
+    def poll(self, layer: int, experts: list[tuple[int, int, int]]) -> list[int | None]:
+        """wait_for's answer for each (expert, must, want) that is ready now, else None; never blocks."""
+        row = self.cache.row[layer]
+        with self.cache.lock:
+            if self.failed is not None:
+                raise self.failed
+            return [int(self.cache.held[row, e]) if self._ready(row, e, must, want) else None
+                    for e, must, want in experts]
 
     def drain(self) -> None:
         """Wait until every queued read is done (tests and benchmarks use this)."""

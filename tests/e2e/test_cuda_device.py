@@ -11,7 +11,7 @@ PROMPT = "def main():\n    "
 
 @pytest.fixture(scope="module")
 def cpu_tokens():
-    with edge_moe.load(dense_dtype=torch.float32) as m:
+    with edge_moe.load(dense_dtype=torch.float32, dense_bits=16) as m:  # the dense part as on cuda
         return {bits: list(m.generate_ids(m.encode(PROMPT), max_tokens=24, bits=bits)) for bits in (8, 4)}
 
 

@@ -23,7 +23,7 @@ def family(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     ref = save_tiny(request.param, d / "hf")
     out = convert(d / "hf", d / "model.emoe", scheme="msb", group=64, progress=False)
-    model = edge_moe.load(out, dense_dtype=torch.float32)  # float32: compare forwards exactly
+    model = edge_moe.load(out, dense_dtype=torch.float32, dense_bits=16)  # float32: compare forwards exactly
     yield request.param, ref, model
     model.close()
 
