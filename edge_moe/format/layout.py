@@ -136,17 +136,20 @@ def _view(buf: np.ndarray, s: Section) -> np.ndarray:
     return buf[s.offset:s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
 
 
-def unpack_matrix(layout: ExpertLayout, buf: np.ndarray, matrix: str, bits: int) -> NestedMatrix:
-    """NestedMatrix holding the first `bits` planes of `matrix`, from a contiguous expert buffer."""
+def unpack_matrix(layout: ExpertLayout, buf: np.ndarray, matrix: str, bits: int,
+                  rows: np.ndarray | None = None) -> NestedMatrix:
+    """NestedMatrix holding the first `bits` planes of `matrix` (or of its `rows` only), from a
+    contiguous expert buffer."""
     need = layout.bytes_for_bits(bits)
     if buf.nbytes < need:
         raise ValueError(f"buffer holds {buf.nbytes} bytes, {bits} bits need {need}")
     parts: dict[str, list] = {"planes": [], "alpha": [], "scale": [], "minimum": []}
     for s in layout.sections:
         if s.matrix == matrix and s.chunk < bits:
-            parts[s.kind].append(_view(buf, s))
+            parts[s.kind].append(_view(buf, s) if rows is None else _view(buf, s)[rows])
     alpha = np.stack(parts["alpha"]) if parts["alpha"] else None
-    return NestedMatrix(layout.scheme, dict(layout.matrices)[matrix], layout.group,
+    o, n = dict(layout.matrices)[matrix]
+    return NestedMatrix(layout.scheme, (o if rows is None else len(rows), n), layout.group,
                         np.stack(parts["planes"]), parts["scale"][0], parts["minimum"][0], alpha)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout, build_layout, pack_rows, unpack_matrix
-from edge_moe.format.nested import NestedMatrix, dequantize, quantize
+from edge_moe.format.nested import dequantize, quantize
 
 DENSE_BITS = (4, 5, 6, 7, 8, 16)  # 16: keep the file's bf16
 PACKED_SUFFIXES = (".q", ".k", ".v", ".o", ".shared_gate_up", ".shared_down", ".mlp_gate_up", ".mlp_down")
@@ -44,10 +44,7 @@ class PackedLinear:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows W[ids] [T, N] float32 (an embedding lookup)."""
-        m = unpack_matrix(self.layout, self.buf, "w", self.bits)
-        ids = ids.cpu().numpy()
-        m = NestedMatrix(m.scheme, (len(ids), self.shape[1]), m.group, m.planes[:, ids], m.scale[ids],
-                         m.minimum[ids], None if m.alpha is None else m.alpha[:, ids])
+        m = unpack_matrix(self.layout, self.buf, "w", self.bits, rows=ids.cpu().numpy())
         return torch.from_numpy(dequantize(m, self.bits))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -144,5 +144,7 @@ class MoePipeline:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
+        if (self.cache.held[self.cache.row[nxt]] >= self.request.max_bits).all():
+            return  # the whole next layer is resident at the widest width asked for: nothing to guess
         routed, _ = self._route(*route(x, self.routers[nxt], self.cfg))
         self.reader.submit(nxt, [r.want for r in routed], prefetch=True)

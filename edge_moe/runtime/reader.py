@@ -70,6 +70,9 @@ class Reader:
         cache = self.cache
         row = cache.row[layer]
         with cache.lock:
+            wants = [w for w in wants if cache.held[row, w.expert] < w.want]  # resident: nothing to read
+            if not wants:
+                return
             self._epoch += 1
             for target, rank, w in hebf_reads(wants):
                 must = target <= w.must and not prefetch

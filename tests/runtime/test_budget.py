@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +126,22 @@ def test_baseline_policies_give_the_same_tokens(wide_model, streaming):
         if streaming == "on-demand":
             assert m.cache.held.sum() == 0  # nothing kept between uses
             assert m.stats["hit_rate"] == 0.0
+
+
+@pytest.mark.parametrize("kernel_counter", [True, False], ids=["vmhwm", "sampler"])
+def test_peak_rss_sees_a_short_spike_and_resets(kernel_counter, monkeypatch):
+    from edge_moe.runtime import memory
+
+    if not kernel_counter:
+        monkeypatch.setattr(memory, "_can_reset_hwm", lambda: False)
+    elif not memory._can_reset_hwm():
+        pytest.skip("this kernel has no resettable VmHWM")
+    rss = memory.PeakRss(interval=0.001)
+    base = memory.current_rss()
+    spike = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+    time.sleep(0.05)  # the sampler's turn
+    del spike
+    assert rss.peak >= base + 190 * 2**20
+    rss.reset()
+    assert rss.peak < base + 100 * 2**20
+    rss.stop()
