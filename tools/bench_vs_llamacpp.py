@@ -1,13 +1,15 @@
-"""Decode tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (8/4/3/2 bits) on one real-shape model.
+"""Decode tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (experts 8/4/3/2 bits) on one real-shape model.
 
     python tools/bench_vs_llamacpp.py --work DIR [--llama-cpp LLAMA_CPP_DIR] [--layers 4]
-        [--tokens 64] [--repeats 5] [--depth 0] [--threads 2]
+        [--tokens 64] [--repeats 5] [--depth 0] [--threads 2] [--configs 8:8 4:8 3:8 2:8 4:4 4:16]
         [--llama-bench PATH] [--llama-quantize PATH] [--convert-script PATH]
 
 One run: writes (or reuses, under --work) an OLMoE-1B-7B-shaped checkpoint with random weights and
 --layers layers (tools/make_synthetic_checkpoint.py), converts it to .emoe (msb) and to GGUF (bf16,
 then llama-quantize), times decode on both, and prints one markdown table plus the ratio
-edge-moe 4-bit / llama.cpp Q4_0. Both sides: --threads threads, every weight in RAM, --tokens
+edge-moe 4-bit experts / llama.cpp Q4_0. An edge-moe config EXPERT:DENSE gives the expert bits and
+--dense-bits (embedding, attention, LM head; 16 = bf16). llama.cpp's Q4_0 holds experts and
+attention at 4.5 bits and the LM head at Q6_K, so 4:4 is the like-for-like row and 4:8 the default. Both sides: --threads threads, every weight in RAM, --tokens
 single-token forward passes per repeat after a --depth-token context (llama-bench -d; the edge-moe
 prompt, at least 1 token) that is not timed, median of --repeats. --depth is 0 by default because
 this llama.cpp build segfaults in prompt processing (ggml_backend_amx_mul_mat, batch > 1) on this
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_K_M"]
-EDGE_BITS = [8, 4, 3, 2]
+EDGE_CONFIGS = ["8:8", "4:8", "3:8", "2:8", "4:4", "4:16"]  # expert bits : dense bits
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -164,15 +166,23 @@ def time_bits(m, prompt: list[int], bits: int, args) -> dict:
     return {"rates": rates, "expert_ms": statistics.median(expert_ms), "bytes_read": read}
 
 
-def edge_moe_bench(path: Path, args) -> tuple[dict[int, dict], str]:
+def edge_moe_bench(path: Path, args) -> tuple[dict[tuple[int, int], dict], str]:
+    """{(expert bits, dense bits): timings and the resident dense bytes}, one load per dense width."""
     import edge_moe
 
-    with edge_moe.load(path, backend="cpu") as m:
-        preload_all(m)
-        m.eos_ids = set()  # always decode --tokens tokens
-        prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, size=max(args.depth, 1)).tolist()
-        backend = m.pipeline.backend.__name__
-        return {bits: time_bits(m, prompt, bits, args) for bits in EDGE_BITS}, backend
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
+    out, backend = {}, ""
+    for dense in dict.fromkeys(d for _, d in configs):
+        with edge_moe.load(path, backend="cpu", dense_bits=dense) as m:
+            preload_all(m)
+            m.eos_ids = set()  # always decode --tokens tokens
+            prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, size=max(args.depth, 1)).tolist()
+            backend = m.pipeline.backend.__name__
+            dense_bytes = sum(t.nbytes for t in m.decoder.w.values())
+            for bits, d in configs:
+                if d == dense:
+                    out[bits, d] = {**time_bits(m, prompt, bits, args), "dense_bytes": dense_bytes}
+    return {c: out[c] for c in configs}, backend
 
 
 def row(engine: str, weights: str, gb: float, rates: list[float], ref: float | None, note: str) -> str:
@@ -206,16 +216,18 @@ def print_table(ggufs: dict, llama: dict, emoe: Path, edge: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for t, rates in llama.items():
         print(row("llama.cpp", t, ggufs[t].stat().st_size / 1e9, rates, ref, "llama-bench tg, random tokens"))
-    for bits, r in edge.items():
-        gb = (d["dense_bytes"] + d["expert_bytes_by_bits"][bits]) / 1e9
+    for (bits, dense), r in edge.items():
+        gb = (r["dense_bytes"] + d["expert_bytes_by_bits"][bits]) / 1e9
         note = (f"greedy; experts {r['expert_ms']:.1f} of {1e3 / statistics.median(r['rates']):.1f} ms/token; "
                 f"{r['bytes_read']} B read from file while timed")
-        print(row("edge-moe", f"{bits}-bit experts, bf16 dense", gb, r["rates"], ref, note))
-    print("\nGB: the GGUF file; edge-moe: its bf16 dense part (attention, embeddings, lm_head, routers) plus "
+        dense_name = "bf16 dense" if dense == 16 else f"{dense}-bit dense"
+        print(row("edge-moe", f"{bits}-bit experts, {dense_name}", gb, r["rates"], ref, note))
+    print("\nGB: the GGUF file; edge-moe: its resident dense part (embedding, attention, LM head, routers) plus "
           "the expert bit-planes used at that width (all 8 planes are resident).")
-    if ref and 4 in edge:
-        ratio = statistics.median(edge[4]["rates"]) / ref
-        print(f"\nedge-moe 4-bit / llama.cpp Q4_0 = {ratio:.2f}x (target >= 0.80x)")
+    for (bits, dense), r in edge.items():
+        if ref and bits == 4:
+            print(f"edge-moe 4-bit experts, dense {dense} / llama.cpp Q4_0 = "
+                  f"{statistics.median(r['rates']) / ref:.2f}x (target >= 0.80x)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -231,6 +243,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--depth", type=int, default=0, help="context tokens before the timed decode")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (edge-moe: its default)")
+    ap.add_argument("--configs", nargs="+", default=EDGE_CONFIGS, help="edge-moe EXPERT_BITS:DENSE_BITS rows")
     return ap.parse_args()
 
 
