@@ -1,6 +1,6 @@
 """Decode under a memory budget: HEBF with dynamic bits vs whole-expert LRU vs load on demand.
 
-    python tools/bench_budget.py MODEL.emoe --budgets 2GB 3GB 16GB [--tokens 32] [--backend cpu]
+    python tools/bench_budget.py MODEL.emoe --budgets 2GB 3GB 16GB [--tokens 32] [--repeats 3] [--resident]
     python tools/bench_budget.py MODEL.emoe --quality-model HF_DEMO_DIR     # adds the quality table
 
 Every (budget, policy) runs in a fresh child process: tokens/s, stall fraction, bytes read per
@@ -16,21 +16,29 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 
 POLICIES = {  # name -> (streaming, knobs)
     "(a) HEBF, dynamic bits": ("hebf", "dynamic"),
+    "(a') (a) without prefetch": ("hebf-no-prefetch", "dynamic"),
     "(b) LRU experts, 4 bits": ("lru", {"bits": 4}),
     "(c) on demand, 4 bits": ("on-demand", {"bits": 4}),
 }
+RESIDENT = "(d) all preloaded, 4 bits"  # no reads while timed: the no-streaming reference
 
 CHILD = """
 import json, sys, numpy as np, edge_moe
 args = json.loads(sys.argv[1])
 m = edge_moe.load(args["model"], memory_budget=args["budget"], streaming=args["streaming"],
                   backend=args["backend"], max_context=args["context"], drop_page_cache=args["drop"])
+if args["preload"]:  # every level of every expert before timing (the budget must hold them)
+    from edge_moe.runtime.reader import Want
+    for layer in m.config.moe_layers:
+        m.reader.submit(layer, [Want(e, 8, 8, 1.0) for e in range(m.config.num_experts)])
+    m.reader.drain()
 rng = np.random.default_rng(0)
 prompt = rng.integers(0, m.config.vocab_size, size=args["prompt"]).tolist()
 list(m.generate_ids(prompt, max_tokens=args["warmup"], **args["knobs"]))  # fill the cache
@@ -60,29 +68,40 @@ def _fmt_gb(n) -> str:
     return "-" if n is None else f"{n / 1e9:.2f} GB"
 
 
-def row(budget: str, name: str, s: dict) -> str:
-    if "error" in s:
-        return f"| {budget} | {name} | refused or failed: {s['error'][:150]} ||||||"
-    return (f"| {budget} | {name} | {s['decode_tokens_per_s']:.2f} | {100 * s['stall_fraction']:.0f}% | "
-            f"{s['bytes_read_per_token'] / 1e6:.1f} MB | {s['mean_bits']:.2f} | {100 * s['hit_rate']:.0f}% | "
-            f"{_fmt_gb(s['peak_rss'])} / {_fmt_gb(s['maxrss_kernel'])} |")
+def row(budget: str, name: str, runs: list[dict]) -> str:
+    """Medians over the runs; peak RSS is the largest of any run."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return f"| {budget} | {name} | refused or failed: {bad[0]['error'][:150]} |||||||"
+    med = {k: statistics.median(r[k] for r in runs) for k in
+           ("decode_tokens_per_s", "stall_fraction", "bytes_read_per_token", "mean_bits", "hit_rate")}
+    rates = [r["decode_tokens_per_s"] for r in runs]
+    return (f"| {budget} | {name} | {med['decode_tokens_per_s']:.2f} | {min(rates):.2f}-{max(rates):.2f} | "
+            f"{100 * med['stall_fraction']:.0f}% | {med['bytes_read_per_token'] / 1e6:.1f} MB | "
+            f"{med['mean_bits']:.2f} | {100 * med['hit_rate']:.0f}% | "
+            f"{_fmt_gb(max(r['peak_rss'] for r in runs))} / {_fmt_gb(max(r['maxrss_kernel'] for r in runs))} |")
 
 
 def speed_table(args) -> None:
     print(f"model {args.model}, {args.tokens} decode tokens after a {args.prompt}-token prompt and "
           f"{args.warmup} warm-up tokens; backend {args.backend}; page cache "
-          f"{'allowed' if args.page_cache else 'dropped after each read'}\n")
-    print("| budget | policy | tokens/s | stall | read/token | mean bits | hits "
+          f"{'allowed' if args.page_cache else 'dropped after each read'}; median of {args.repeats} runs, "
+          f"each in a fresh process; (a) = quality {args.quality}, bits {args.min_bits}..{args.max_bits}; "
+          f"1-min load average {os.getloadavg()[0]:.2f} at the start\n")
+    print("| budget | policy | tokens/s | min-max | stall | read/token | mean bits | hits "
           "| peak RSS (sampled / kernel) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for budget in args.budgets:
-        for name, (streaming, knobs) in POLICIES.items():
+    print("|---|---|---|---|---|---|---|---|---|")
+    policies = [(name, streaming, knobs, False) for name, (streaming, knobs) in POLICIES.items()]
+    for i, budget in enumerate(args.budgets):
+        resident = [(RESIDENT, "hebf", {"bits": 4}, True)] if i == len(args.budgets) - 1 and args.resident else []
+        for name, streaming, knobs, preload in policies + resident:
             knobs = {"quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits} \
                 if knobs == "dynamic" else knobs
             spec = {"model": args.model, "budget": budget, "streaming": streaming, "backend": args.backend,
-                    "context": args.context, "drop": not args.page_cache, "knobs": knobs,
+                    "context": args.context, "drop": not args.page_cache, "knobs": knobs, "preload": preload,
                     "prompt": args.prompt, "tokens": args.tokens, "warmup": args.warmup}
-            print(row(budget, name, run_child(spec)), flush=True)
+            print(row(budget, name, [run_child(spec) for _ in range(args.repeats)]), flush=True)
+    print(f"\n1-min load average {os.getloadavg()[0]:.2f} at the end")
 
 
 def perplexity(model, ids, window: int, **knobs) -> tuple[float, float]:
@@ -137,6 +156,9 @@ def main() -> None:
     ap.add_argument("--quality-model", default=None, help="HF dir of the demo model (with heldout.txt)")
     ap.add_argument("--quality-tokens", type=int, default=8192)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs per row (median)")
+    ap.add_argument("--resident", action="store_true",
+                    help="add a row with every expert preloaded under the last budget (must hold them all)")
     args = ap.parse_args()
     if not args.skip_speed:
         speed_table(args)

@@ -28,6 +28,7 @@ PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too wi
 
 STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
     "hebf": ("value", True, True),  # ours: bit-granular eviction, HEBF reads, next-layer prefetch
+    "hebf-no-prefetch": ("value", False, True),  # ours without prefetch (its reads compete for the cores)
     "lru": ("lru", False, True),  # baseline: whole-expert LRU, no prefetch (mixtral-offloading, EdgeMoE)
     "on-demand": ("value", False, False),  # baseline: read each expert when routed, keep nothing
 }

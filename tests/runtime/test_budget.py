@@ -116,7 +116,7 @@ def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
         assert np.all(m.cache.held[m.cache.row[2]] == 0)  # no prefetch beyond the next layer
 
 
-@pytest.mark.parametrize("streaming", ["lru", "on-demand"])
+@pytest.mark.parametrize("streaming", ["lru", "on-demand", "hebf-no-prefetch"])
 def test_baseline_policies_give_the_same_tokens(wide_model, streaming):
     prompt = list(range(5, 25))
     with edge_moe.load(wide_model) as full:
@@ -126,6 +126,8 @@ def test_baseline_policies_give_the_same_tokens(wide_model, streaming):
         if streaming == "on-demand":
             assert m.cache.held.sum() == 0  # nothing kept between uses
             assert m.stats["hit_rate"] == 0.0
+        if streaming == "hebf-no-prefetch":
+            assert not m.pipeline.prefetch
 
 
 @pytest.mark.parametrize("kernel_counter", [True, False], ids=["vmhwm", "sampler"])
