@@ -25,38 +25,36 @@ int dtype_code(const torch::Tensor& x) {
 
 }  // namespace
 
-// mat: scheme, O, N, G, plane_off[8], scale_off, min_off, alpha_off[6] (20 values).
-// jobs: (slot, bits, row0, count) per job, flattened. Returns the plan (nt, xlo, warps, ksplit, gps,
-// k range, grid x, y, z, shared bytes).
-std::vector<int64_t> gemm(torch::Tensor slab, std::vector<int64_t> mat, std::vector<int64_t> jobs,
+// mat: scheme, O, N, G, byte offset of the matrix's plane rows in a chunk, of its metadata in a chunk.
+// jobs: per job (bits, row0, count, byte offset of chunk 0..7 from base's first byte), flattened.
+// kernel: 0 auto, 1 nested_gemm_kernel, 2 gemv_kernel. Returns the plan (kernel, token tile, k warps,
+// k parts, k range, grid x, y, z, shared bytes).
+std::vector<int64_t> gemm(torch::Tensor base, std::vector<int64_t> mat, std::vector<int64_t> jobs,
                           torch::Tensor x, std::optional<torch::Tensor> xidx, bool swiglu,
                           torch::Tensor out, std::optional<torch::Tensor> oidx,
-                          std::optional<torch::Tensor> ow, bool accumulate, int64_t blocks_per_sm) {
-  TORCH_CHECK(slab.is_cuda() && slab.scalar_type() == torch::kUInt8, "slab must be a uint8 CUDA tensor");
-  TORCH_CHECK(slab.dim() == 1 || slab.dim() == 2, "slab must be [B] or [S, B]");
-  TORCH_CHECK(slab.stride(-1) == 1, "slab rows must be contiguous");
+                          std::optional<torch::Tensor> ow, bool accumulate, int64_t blocks_per_sm,
+                          int64_t kernel) {
+  TORCH_CHECK(base.is_cuda() && base.scalar_type() == torch::kUInt8, "base must be a uint8 CUDA tensor");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(base.data_ptr()) % 8 == 0, "base must start on an 8-byte boundary");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "x must be a 2-D CUDA tensor with unit stride");
   TORCH_CHECK(out.is_cuda() && out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.stride(1) == 1,
               "out must be a 2-D float32 CUDA tensor with unit stride");
-  TORCH_CHECK(mat.size() == 20, "mat must hold 20 values");
-  TORCH_CHECK(jobs.size() % 4 == 0 && jobs.size() / 4 <= edge_moe::kMaxJobs, "jobs: at most 128 (slot, bits, row0, count)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(slab.data_ptr()) % 8 == 0 && (slab.dim() == 1 || slab.stride(0) % 8 == 0),
-              "slab rows must start on 8-byte boundaries");
-  c10::cuda::CUDAGuard guard(slab.device());
+  TORCH_CHECK(mat.size() == 6, "mat must hold 6 values");
+  constexpr size_t kPerJob = 11;
+  TORCH_CHECK(jobs.size() % kPerJob == 0 && jobs.size() / kPerJob <= edge_moe::kMaxJobs,
+              "jobs: at most 64 (bits, row0, count, 8 chunk offsets)");
+  c10::cuda::CUDAGuard guard(base.device());
 
   edge_moe::Params p{};
-  p.slab = slab.data_ptr<uint8_t>();
-  p.slab_stride = slab.dim() == 2 ? slab.stride(0) : 0;
+  p.base = base.data_ptr<uint8_t>();
   p.scheme = static_cast<int>(mat[0]);
   p.O = static_cast<int>(mat[1]);
   p.N = static_cast<int>(mat[2]);
   p.G = static_cast<int>(mat[3]);
   p.ng = (p.N + p.G - 1) / p.G;
   p.row_bytes = p.ng * p.G / 8;
-  for (int i = 0; i < 8; ++i) p.plane_off[i] = mat[4 + i];
-  p.scale_off = mat[12];
-  p.min_off = mat[13];
-  for (int i = 0; i < 6; ++i) p.alpha_off[i] = mat[14 + i];
+  p.plane_off = mat[4];
+  p.meta_off = mat[5];
   p.x = x.data_ptr();
   p.ldx = x.stride(0);
   p.xidx = int_ptr(xidx, "xidx");
@@ -73,22 +71,27 @@ std::vector<int64_t> gemm(torch::Tensor slab, std::vector<int64_t> mat, std::vec
   }
 
   edge_moe::Jobs j{};
-  j.n = static_cast<int>(jobs.size() / 4);
+  j.n = static_cast<int>(jobs.size() / kPerJob);
   for (int i = 0; i < j.n; ++i) {
-    j.slot[i] = static_cast<int>(jobs[4 * i]);
-    j.bits[i] = static_cast<int>(jobs[4 * i + 1]);
-    j.row0[i] = static_cast<int>(jobs[4 * i + 2]);
-    j.count[i] = static_cast<int>(jobs[4 * i + 3]);
+    const int64_t* q = jobs.data() + kPerJob * i;
+    j.bits[i] = static_cast<int>(q[0]);
+    j.row0[i] = static_cast<int>(q[1]);
+    j.count[i] = static_cast<int>(q[2]);
+    for (int c = 0; c < 8; ++c) {
+      TORCH_CHECK(q[3 + c] >= 0 && q[3 + c] % 8 == 0 && q[3 + c] / 8 <= 0xffffffffLL,
+                  "chunk offsets must be non-negative multiples of 8 below 32 GiB");
+      j.chunk[i][c] = static_cast<uint32_t>(q[3 + c] / 8);
+    }
   }
   edge_moe::Plan plan{};
   char err[256] = {0};
   const int rc = edge_moe::launch_nested_gemm(p, j, accumulate, out.size(0), static_cast<int>(blocks_per_sm),
-                                              c10::cuda::getCurrentCUDAStream().stream(), &plan, err, sizeof(err));
+                                              static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream().stream(),
+                                              &plan, err, sizeof(err));
   TORCH_CHECK(rc == 0, "nested_gemm: ", err);
-  return {plan.nt, plan.xlo, plan.warps, plan.ksplit, plan.gps, plan.kr,
-          plan.grid_x, plan.grid_y, plan.grid_z, plan.smem};
+  return {plan.kernel, plan.nt, plan.kw, plan.ksplit, plan.kr, plan.grid_x, plan.grid_y, plan.grid_z, plan.smem};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "bit-plane GEMV/GEMM over expert slots (native/README.md)");
+  m.def("gemm", &gemm, "bit-plane GEMV/GEMM over experts given by chunk addresses (native/README.md)");
 }

@@ -1,9 +1,11 @@
-// Host side: choose the launch shape of nested_gemm_kernel for a matrix, a job list and the GPU.
+// Host side: choose the kernel (gemv_kernel for decode, nested_gemm_kernel otherwise) and its launch
+// shape for a matrix, a job list and the GPU.
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
 #include <unordered_map>
 
+#include "gemv.cuh"
 #include "nested_gemm.cuh"
 
 namespace edge_moe {
@@ -11,7 +13,7 @@ namespace edge_moe {
 namespace {
 
 struct DeviceInfo {
-  int sms = 0, smem_optin = 0;
+  int sms = 0, smem_optin = 0, major = 0;
 };
 
 DeviceInfo device_info() {
@@ -22,11 +24,23 @@ DeviceInfo device_info() {
   if (d.sms == 0) {
     cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
   }
   return d;
 }
 
 long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
+
+long long round16(long long n) { return (n + 15) / 16 * 16; }
+
+// Every plane row the launch reads starts on an `a`-byte boundary.
+bool planes_aligned(const Params& p, const Jobs& jobs, int a) {
+  if (reinterpret_cast<uintptr_t>(p.base) % a || p.plane_off % a || p.row_bytes % a) return false;
+  for (int j = 0; j < jobs.n; ++j)
+    for (int c = 0; c < jobs.bits[j]; ++c)
+      if ((8ull * jobs.chunk[j][c]) % a) return false;
+  return true;
+}
 
 // Row stride (words) of a warp's plane rows in shared memory: the 8 rows a warp reads at once, two
 // adjacent words each, land in distinct banks; multiples of 4 (16-byte copies) preferred.
@@ -70,10 +84,94 @@ int fail(char* err, int errlen, const char* msg) {
   return 1;
 }
 
+int zero_output(const Params& p, long long out_rows, cudaStream_t stream, char* err, int errlen) {
+  const cudaError_t e = cudaMemsetAsync(p.out, 0, out_rows * p.ldo * sizeof(float), stream);
+  return e == cudaSuccess ? 0 : fail(err, errlen, cudaGetErrorString(e));
+}
+
+// Resident gemv_kernel blocks per SM at `smem` bytes, memoized like occupancy().
+int gemv_occupancy(int scheme, long long smem) {
+  static std::mutex mu;
+  static std::unordered_map<long long, int> cache;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const long long key = ((static_cast<long long>(dev) * 2 + scheme) << 32) + smem;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const int occ = scheme == kMsb ? occupancy_gemv_msb(smem) : occupancy_gemv_mwq(smem);
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = occ;
+  return occ;
+}
+
+// Shared memory of a gemv block whose k part is `spb` spans; sets the plan fields it depends on.
+long long gemv_smem(Params& p, long long spb, int narr, int mrows) {
+  p.mw = static_cast<int>(spb / (p.G / 128) / 2 + 2);
+  p.xa_bytes = static_cast<int>(round16((spb * kSpanWords + kZeroWords) * 4));
+  p.xst_bytes = static_cast<int>(round16(spb * 8));
+  p.meta_bytes = static_cast<int>(round16(4LL * narr * mrows * p.mw));
+  return p.xa_bytes + p.xst_bytes + p.meta_bytes + 4LL * kGemvWarps * 8;
+}
+
+// gemv_kernel: blocks of 8 warps = (8 / kw) row tiles of 8 rows x kw k parts of the block's k range;
+// a k split over blocks (ks, atomics into a zeroed output) divides the k range further. Default: the
+// (kw, ks) with the least modelled time, waves of resident blocks x (chunks of 512 inputs per warp +
+// 2 for a block's start: metadata, x preparation, first loads). With blocks_per_sm > 0: kw, then
+// ks, grow until 8 * blocks_per_sm warps per SM have work (tests use it to force k splits).
+int plan_gemv(Params& p, const Jobs& jobs, int max_t, int max_bits, bool accumulate, long long out_rows,
+              int blocks_per_sm, const DeviceInfo& dev, cudaStream_t stream, Plan* plan, char* err,
+              int errlen) {
+  const int gs = p.G / 128, nsp = p.ng * gs, nch = static_cast<int>(cdiv(nsp, 4));
+  const long long rt = cdiv(p.O, 8), units = rt * jobs.n * max_t;
+  int unit = 4;  // spans per k part: whole chunks and whole groups
+  while (unit % gs) unit += 4;
+  const int narr = p.scheme == kMsb ? 2 : max_bits;
+  int best_kw = 0, best_ks = 0;
+  double best_cost = 0.0;
+  for (int kw = 1; kw <= kGemvWarps; kw *= 2) {
+    for (int ks = 1; ks == 1 || kw * ks <= nch; ks *= 2) {
+      if (kw > 1 && kw * ks > nch) break;  // every warp keeps at least one chunk
+      const long long spb = cdiv(cdiv(nsp, ks), unit) * unit, ks_eff = cdiv(nsp, spb);
+      const long long smem = gemv_smem(p, spb, narr, kGemvWarps / kw * 8);
+      if (smem > dev.smem_optin) continue;
+      double cost;
+      if (blocks_per_sm > 0) {
+        const long long target = 8LL * blocks_per_sm * dev.sms;
+        cost = units * kw * ks_eff >= target ? kw * 64.0 + ks : 1e9 - kw * 64.0 - ks;  // least that reaches it
+      } else {
+        const long long blocks = cdiv(rt, kGemvWarps / kw) * jobs.n * max_t * ks_eff;
+        const long long slots = std::max(1, gemv_occupancy(p.scheme, smem)) * static_cast<long long>(dev.sms);
+        cost = cdiv(blocks, slots) * (cdiv(spb / 4, kw) + 2.0) + (ks_eff > 1 ? 0.5 : 0.0);
+      }
+      if (best_kw == 0 || cost < best_cost) best_kw = kw, best_ks = ks, best_cost = cost;
+    }
+  }
+  if (best_kw == 0) return fail(err, errlen, "gemv: x of one k part does not fit in shared memory");
+  const long long spb = cdiv(cdiv(nsp, best_ks), unit) * unit;
+  const long long smem = gemv_smem(p, spb, narr, kGemvWarps / best_kw * 8);
+  p.kw = best_kw;
+  p.gshift = 0;
+  while ((1 << p.gshift) < gs) ++p.gshift;
+  p.spb = static_cast<int>(spb);
+  p.nsp = nsp;
+  p.ksplit = static_cast<int>(cdiv(nsp, spb));
+  p.atomic = accumulate || p.ksplit > 1;
+  if (p.ksplit > 1 && !accumulate && zero_output(p, out_rows, stream, err, errlen)) return 1;
+  const dim3 grid(static_cast<unsigned>(cdiv(rt, kGemvWarps / best_kw) * p.ksplit), max_t, jobs.n);
+  if (plan) *plan = Plan{1, 1, best_kw, p.ksplit, p.spb * 128, (int)grid.x, (int)grid.y, (int)grid.z, smem};
+  const cudaError_t e = p.scheme == kMsb ? launch_gemv_msb(p, jobs, grid, smem, stream)
+                                         : launch_gemv_mwq(p, jobs, grid, smem, stream);
+  return e == cudaSuccess ? 0 : fail(err, errlen, cudaGetErrorString(e));
+}
+
 }  // namespace
 
 int launch_nested_gemm(Params& p, const Jobs& jobs, bool accumulate, long long out_rows,
-                       int blocks_per_sm, cudaStream_t stream, Plan* plan, char* err, int errlen) {
+                       int blocks_per_sm, int kernel, cudaStream_t stream, Plan* plan, char* err,
+                       int errlen) {
   if (jobs.n < 0 || jobs.n > kMaxJobs) return fail(err, errlen, "too many jobs for one launch");
   if (p.G <= 0 || p.G % 64) return fail(err, errlen, "group size must be a multiple of 64");
   int max_t = 0, max_bits = 0;
@@ -84,6 +182,13 @@ int launch_nested_gemm(Params& p, const Jobs& jobs, bool accumulate, long long o
   }
   if (max_t == 0 || p.O == 0) return 0;
   const DeviceInfo dev = device_info();
+  const int gs = p.G / 128;  // spans of 128 inputs per group: a power of two for gemv_kernel
+  const bool gemv_ok = dev.major >= 8 && max_t <= kFastMaxT && p.G % 128 == 0 && (gs & (gs - 1)) == 0 &&
+                       planes_aligned(p, jobs, 16);
+  if (kernel == 2 && !gemv_ok)
+    return fail(err, errlen, "gemv kernel needs sm_80+, <= 2 tokens per job, groups of 128 * 2^k and aligned planes");
+  if (kernel != 1 && gemv_ok)
+    return plan_gemv(p, jobs, max_t, max_bits, accumulate, out_rows, blocks_per_sm, dev, stream, plan, err, errlen);
 
   // Token tile: NT mma column tiles of 8 (hi + lo per token for float32 x, one per token otherwise).
   const bool xlo = p.xdtype == kF32;
@@ -133,17 +238,12 @@ int launch_nested_gemm(Params& p, const Jobs& jobs, bool accumulate, long long o
   p.xfrag_bytes = gps * bpg * ncol * 128;
   p.xstat_bytes = ((tpc * gps * 8) + 15) / 16 * 16;
   p.magic = kMagic;
-  bool v16 = p.row_bytes % 16 == 0 && p.slab_stride % 16 == 0 && reinterpret_cast<uintptr_t>(p.slab) % 16 == 0 &&
-             p.sw % 4 == 0 && (p.xfrag_bytes + p.xstat_bytes) % 16 == 0 && p.warp_words % 4 == 0;
-  for (int i = 0; i < max_bits; ++i) v16 = v16 && p.plane_off[i] % 16 == 0;
-  p.vec16 = v16;
+  p.vec16 = planes_aligned(p, jobs, 16) && p.sw % 4 == 0 && (p.xfrag_bytes + p.xstat_bytes) % 16 == 0 &&
+            p.warp_words % 4 == 0;
   p.atomic = accumulate || ksplit > 1;
-  if (ksplit > 1 && !accumulate) {
-    const cudaError_t e = cudaMemsetAsync(p.out, 0, out_rows * p.ldo * sizeof(float), stream);
-    if (e != cudaSuccess) return fail(err, errlen, cudaGetErrorString(e));
-  }
+  if (ksplit > 1 && !accumulate && zero_output(p, out_rows, stream, err, errlen)) return 1;
   const dim3 grid(static_cast<unsigned>(tiles * ksplit), chunks, jobs.n), block(32 * warps);
-  if (plan) *plan = Plan{nt, xlo, warps, p.ksplit, gps, kr, (int)grid.x, (int)grid.y, (int)grid.z, smem};
+  if (plan) *plan = Plan{0, nt, 0, p.ksplit, kr, (int)grid.x, (int)grid.y, (int)grid.z, smem};
   const cudaError_t e = p.scheme == kMsb ? launch_msb(xlo, nt, p, jobs, grid, block, smem, stream)
                                          : launch_mwq(xlo, nt, p, jobs, grid, block, smem, stream);
   if (e != cudaSuccess) return fail(err, errlen, cudaGetErrorString(e));

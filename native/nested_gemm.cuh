@@ -1,8 +1,10 @@
-// Bit-plane GEMV / small GEMM on nested (matryoshka) expert weights, on tensor cores.
+// Bit-plane GEMM on nested (matryoshka) expert weights, on fp16 tensor cores (prefill: T > 2).
 //
 // Op: y[t, o] = sum_g ( sum_p coef[p,o,g] * dot(P_p[o,g,:], x_g) + offset[o,g] * sum(x_g) )
-// (edge_moe/format/nested.py), for one matrix of one or many expert slots in a slab [S, B] uint8.
-// native/README.md maps each kernel to its op and to the byte layout it reads.
+// (edge_moe/format/nested.py), for one matrix of one or many experts, each read from its 8 chunk
+// addresses (a contiguous expert range, a slab row or scattered arena units alike). Decode shapes
+// (T <= 2 tokens per expert) take the int8 kernel of gemv.cuh. native/README.md maps each kernel
+// to its op and to the byte layout it reads.
 //
 // Design, per warp: 16 output rows x the block's k-range, in 64-input blocks (two 32-bit words per
 // row and plane). Plane words are staged in shared memory (cp.async on sm_80+), then turned into
@@ -22,26 +24,27 @@
 
 namespace edge_moe {
 
-constexpr int kMaxJobs = 128;   // active experts per launch (jobs pass by value in the kernel parameters)
+constexpr int kMaxJobs = 64;    // active experts per launch (jobs pass by value in the 4 KB of kernel parameters)
 constexpr int kMsb = 0, kMwq = 1;
 constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;
 constexpr uint32_t kMagic = 0x64006400u;  // half2 (1024, 1024): mantissa bits 0..9 hold the code
 
-struct Jobs {  // job j: expert slot, bits, and its rows [row0, row0 + count) of the token list
+// Job j: an expert at bits[j] on rows [row0, row0 + count) of the token list; its chunk c (plane c
+// of every matrix, then the metadata of level c) starts at base + 8 * chunk[j][c] (unused: c >= bits).
+struct Jobs {
   int n;
-  int slot[kMaxJobs];
   int bits[kMaxJobs];
   int row0[kMaxJobs];
   int count[kMaxJobs];
+  uint32_t chunk[kMaxJobs][8];
 };
 
 struct Params {
-  const uint8_t* slab;       // expert ranges, one per slot
-  long long slab_stride;     // bytes between slots
+  const uint8_t* base;       // chunk addresses are 8-byte units from here
+  long long plane_off;       // the matrix's plane p: in chunk p at this offset
+  long long meta_off;        // its scale (chunk 0), minimum (chunk 1), alpha of plane p >= 2 (chunk p)
   int scheme;                // kMsb | kMwq
   int O, N, G, ng, row_bytes;                  // rows, inputs, group size, groups, bytes per plane row
-  long long plane_off[8], scale_off, min_off;  // byte offsets inside an expert range
-  long long alpha_off[6];                      // mwq sign planes 2..7
   const void* x;             // [*, ldx] float32 / float16 / bfloat16
   long long ldx;
   const int* xidx;           // row of x for token-list row r (null: r)
@@ -56,19 +59,24 @@ struct Params {
   int sw, mw;                // shared row strides (words) of a warp's plane rows and metadata rows
   int warp_words;            // shared words per warp (weights + metadata at the launch's most bits)
   int xfrag_bytes, xstat_bytes;
-  int vec16;                 // plane rows and slots 16-byte aligned: copy 16 bytes at a time
+  int vec16;                 // plane rows and chunks 16-byte aligned: copy 16 bytes at a time
   uint32_t magic;            // kMagic, passed at run time so that it stays in a register (one LOP3)
+  // plan of the decode kernel (gemv.cuh): k warps per row tile, spans (128 inputs) per k part
+  int kw, spb, nsp, gshift, xa_bytes, xst_bytes, meta_bytes;  // gshift: log2(G / 128)
 };
 
 struct Plan {  // what launch_nested_gemm chose (reported to Python for benchmarks)
-  int nt, xlo, warps, ksplit, gps, kr, grid_x, grid_y, grid_z;
+  int kernel;    // 0: nested_gemm_kernel (fp16 mma), 1: gemv_kernel (int8 mma)
+  int nt, kw, ksplit, kr, grid_x, grid_y, grid_z;
   long long smem;
 };
 
-// Plans (token tile, k split, stages, shared memory) and launches on `stream`. Returns 0, or 1 with
-// a message in err. Zeroes out[0:out_rows] first when the k split needs atomics and !accumulate.
+// Picks the kernel (kernel: 0 auto, 1 nested_gemm_kernel, 2 gemv_kernel where it applies), plans
+// (token tile, k split, shared memory) and launches on `stream`. Returns 0, or 1 with a message in
+// err. Zeroes out[0:out_rows] first when the k split needs atomics and !accumulate.
 int launch_nested_gemm(Params& p, const Jobs& jobs, bool accumulate, long long out_rows,
-                       int blocks_per_sm, cudaStream_t stream, Plan* plan, char* err, int errlen);
+                       int blocks_per_sm, int kernel, cudaStream_t stream, Plan* plan, char* err,
+                       int errlen);
 
 int occupancy_msb(bool xlo, int nt, size_t smem);  // resident blocks of 128 threads per SM
 int occupancy_mwq(bool xlo, int nt, size_t smem);
@@ -81,6 +89,10 @@ cudaError_t launch_mwq(bool xlo, int nt, const Params& p, const Jobs& j, dim3 gr
 #ifdef __CUDACC__
 
 // ---------------------------------------------------------------- small device helpers
+
+__device__ __forceinline__ const uint8_t* chunk_ptr(const Params& p, const Jobs& jobs, int job, int c) {
+  return p.base + 8ull * jobs.chunk[job][c];
+}
 
 __device__ __forceinline__ uint32_t rotr(uint32_t x, int n) { return __funnelshift_r(x, x, n); }
 
@@ -455,7 +467,8 @@ __device__ __forceinline__ void store_rows(const Params& p, const float (&y)[NT]
 // warp copies all its plane rows and metadata for the k range in one cp.async batch (64-128
 // contiguous bytes per plane row), the block prepares x meanwhile, then the warp computes.
 template <int SCHEME, bool XLO, int NT, int BITS>
-__device__ void block_body(const Params& p, int slot, int r0, int ntok, int tile, int gA, int gB) {
+__device__ void block_body(const Params& p, const Jobs& jobs, int job, int r0, int ntok, int tile, int gA,
+                           int gB) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint2* xfrag = reinterpret_cast<uint2*>(smem);
   float2* xstat = reinterpret_cast<float2*>(smem + p.xfrag_bytes);
@@ -464,7 +477,6 @@ __device__ void block_body(const Params& p, int slot, int r0, int ntok, int tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int row0 = (tile * nwarps + warp) * 16;
   const bool active = row0 < p.O;
-  const uint8_t* ex = p.slab + static_cast<long long>(slot) * p.slab_stride;
   const int ngr = gB - gA, bpg = p.G >> 6, nblk = ngr * bpg;
   constexpr int NSEC = SCHEME == kMsb ? 2 : BITS;  // scale, minimum (, alpha of planes 2..BITS-1)
   uint32_t* wbuf = wsm + warp * p.warp_words;      // [BITS][16 rows][sw]
@@ -481,7 +493,7 @@ __device__ void block_body(const Params& p, int slot, int r0, int ntok, int tile
       const int row = rest & 15, pl = rest >> 4;
       const long long grow = min(row0 + row, p.O - 1);
       uint32_t* dst = wbuf + (pl * 16 + row) * p.sw + 2 * cw * b;
-      const uint8_t* src = ex + p.plane_off[pl] + grow * p.row_bytes + (gA * bpg + cw * b) * 8;
+      const uint8_t* src = chunk_ptr(p, jobs, job, pl) + p.plane_off + grow * p.row_bytes + (gA * bpg + cw * b) * 8;
       if (c16) cp_async16(dst, src);
       else cp_async8(dst, src);
       b += adv_b;
@@ -492,8 +504,8 @@ __device__ void block_body(const Params& p, int slot, int r0, int ntok, int tile
       const int j = c % p.mw, rest2 = c / p.mw, row = rest2 & 15, sec = rest2 >> 4;
       const long long h0 = static_cast<long long>(min(row0 + row, p.O - 1)) * p.ng + gA;
       const long long w0 = h0 >> 1, w1 = (h0 + ngr - 1) >> 1;
-      const long long off = sec == 0 ? p.scale_off : (sec == 1 ? p.min_off : p.alpha_off[sec - 2]);
-      if (w0 + j <= w1) cp_async4(mbuf + (sec * 16 + row) * p.mw + j, ex + off + 4 * (w0 + j));
+      // metadata section sec (scale, minimum, alpha of plane sec) lives in chunk sec
+      if (w0 + j <= w1) cp_async4(mbuf + (sec * 16 + row) * p.mw + j, chunk_ptr(p, jobs, job, sec) + p.meta_off + 4 * (w0 + j));
     }
     cp_async_commit();
   }
@@ -528,32 +540,36 @@ __global__ void __launch_bounds__(256, 1) nested_gemm_kernel(const Params p, con
   const int gA = ks * p.gps;
   if (gA >= p.ng) return;
   const int gB = min(p.ng, gA + p.gps);
-  const int slot = jobs.slot[job], r0 = jobs.row0[job] + tok0, ntok = min(TPC, count - tok0);
+  const int r0 = jobs.row0[job] + tok0, ntok = min(TPC, count - tok0);
   switch (jobs.bits[job]) {
-    case 2: block_body<SCHEME, XLO, NT, 2>(p, slot, r0, ntok, tile, gA, gB); break;
-    case 3: block_body<SCHEME, XLO, NT, 3>(p, slot, r0, ntok, tile, gA, gB); break;
-    case 4: block_body<SCHEME, XLO, NT, 4>(p, slot, r0, ntok, tile, gA, gB); break;
-    case 5: block_body<SCHEME, XLO, NT, 5>(p, slot, r0, ntok, tile, gA, gB); break;
-    case 6: block_body<SCHEME, XLO, NT, 6>(p, slot, r0, ntok, tile, gA, gB); break;
-    case 7: block_body<SCHEME, XLO, NT, 7>(p, slot, r0, ntok, tile, gA, gB); break;
-    default: block_body<SCHEME, XLO, NT, 8>(p, slot, r0, ntok, tile, gA, gB); break;
+    case 2: block_body<SCHEME, XLO, NT, 2>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    case 3: block_body<SCHEME, XLO, NT, 3>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    case 4: block_body<SCHEME, XLO, NT, 4>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    case 5: block_body<SCHEME, XLO, NT, 5>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    case 6: block_body<SCHEME, XLO, NT, 6>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    case 7: block_body<SCHEME, XLO, NT, 7>(p, jobs, job, r0, ntok, tile, gA, gB); break;
+    default: block_body<SCHEME, XLO, NT, 8>(p, jobs, job, r0, ntok, tile, gA, gB); break;
   }
 }
 
-// Raise the kernel's dynamic shared-memory limit to the device's opt-in maximum, once per device
-// (before any graph capture: benchmarks and the runtime warm up first).
-template <int SCHEME, bool XLO, int NT>
-cudaError_t configure() {
-  static unsigned configured = 0;  // bit per device
+// Raise a kernel's dynamic shared-memory limit to the device's opt-in maximum, once per device
+// (`configured`: a bit per device; before any graph capture: benchmarks and the runtime warm up first).
+template <typename Kernel>
+cudaError_t raise_smem_limit(Kernel kernel, unsigned& configured) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev >= 32 || (configured & (1u << dev))) return cudaSuccess;
   int optin = 0;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  const cudaError_t e = cudaFuncSetAttribute(nested_gemm_kernel<SCHEME, XLO, NT>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
   if (e == cudaSuccess) configured |= 1u << dev;
   return e;
+}
+
+template <int SCHEME, bool XLO, int NT>
+cudaError_t configure() {
+  static unsigned configured = 0;
+  return raise_smem_limit(nested_gemm_kernel<SCHEME, XLO, NT>, configured);
 }
 
 template <int SCHEME, bool XLO, int NT>

@@ -1,12 +1,14 @@
 """Benchmark the CUDA bit-plane kernels: time, GB/s of weight bytes vs measured copy bandwidth, and
 the ratio to torch fp16 matmul on the same shapes, side by side in one run. Prints markdown tables.
 
-    PYTHONPATH=. python3 tools/bench_cuda.py [--quick] [--out bench.md]
+    PYTHONPATH=. python3 tools/bench_cuda.py [--tokens 1 16] [--bits 2 4 8] [--out bench.md]
 
 Times are medians of CUDA-graph replays (each replay runs every buffer of a rotation once), so
 they hold GPU time, not Python launch overhead; the rotation covers at least --rotate-mb of weights
-so that repeated calls read DRAM, not L2. The "eager" column of the layer table is wall time per
-call without graphs (Python and launch overhead included).
+so that repeated calls read DRAM, not L2. Matrix rows time the automatic kernel choice ("ours":
+gemv_kernel for T <= 2) and, for T <= 2, the fp16-mma kernel forced ("mma16"), side by side. The
+layer table times moe_ffn_units on experts scattered over arena units (the runtime's call) and
+moe_ffn on a slab; its "eager" column is wall time per call without graphs (Python included).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_moe.format.layout import build_layout
+from edge_moe.format.nested import MAX_BITS
 from edge_moe.kernels import cuda
 
 MATRICES = [  # (name, O, N): decode shapes of real MoE experts
@@ -29,7 +32,8 @@ MATRICES = [  # (name, O, N): decode shapes of real MoE experts
     ("Mixtral gate", 14336, 4096), ("Mixtral down", 4096, 14336),
     ("GPT-OSS 2880", 2880, 2880),
 ]
-LAYERS = [("OLMoE", 2048, 1024, 64), ("Qwen3-30B-A3B", 2048, 768, 128)]  # (name, D, I, experts)
+LAYERS = [("OLMoE", 2048, 1024, 64, 8), ("Qwen3-30B-A3B", 2048, 768, 128, 8),  # (name, D, I, experts, top-k)
+          ("Mixtral", 4096, 14336, 8, 2), ("GPT-OSS-20B", 2880, 2880, 32, 4)]
 GROUP = 128
 
 
@@ -90,6 +94,22 @@ def random_slab(layout, slots: int, bits: int) -> torch.Tensor:
     return slab
 
 
+def random_arena(layout, entries: int, bits: int, seed: int = 0):
+    """(arena [U, unit_bytes], units [entries, 8]): each entry's chunks 0..bits-1 in scattered units."""
+    n = entries * bits
+    arena = torch.randint(0, 256, (n, layout.unit_bytes), dtype=torch.uint8, device="cuda")  # row e * bits + c
+    for s in layout.sections:
+        if s.kind != "planes" and s.chunk < bits:
+            value = {"scale": 1e-3, "minimum": -0.1, "alpha": 2e-4}[s.kind]
+            at = s.offset - layout.chunk_starts[s.chunk]
+            fill = torch.full((s.nbytes // 2,), value, dtype=torch.float16, device="cuda").view(torch.uint8)
+            arena[s.chunk::bits, at:at + s.nbytes] = fill
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()  # row r -> row perm[r]
+    units = np.full((entries, MAX_BITS), -1, dtype=np.int64)
+    units[:, :bits] = perm.reshape(entries, bits)
+    return arena[torch.from_numpy(np.argsort(perm)).cuda()].contiguous(), units
+
+
 def rotation(nbytes: int, mb: int) -> int:
     return max(2, min(512, -(-mb * (1 << 20) // max(nbytes, 1))))
 
@@ -101,22 +121,27 @@ def bench_matrix(name, o, n, scheme, bits, t, args, torch_us: dict) -> dict:
     slab = random_slab(layout, slots, bits)
     x = torch.randn(t, n, device="cuda", dtype=torch.float16)
     out = torch.empty(t, o, device="cuda")
-    calls = [lambda i=i: cuda.nested_matmul(layout, slab[i], "w", x, bits, out=out, blocks_per_sm=args.bps)
-             for i in range(slots)]
-    us = graph_time(calls)
+    def timed(kernel):
+        return graph_time([lambda i=i: cuda.nested_matmul(layout, slab[i], "w", x, bits, out=out,
+                                                          blocks_per_sm=args.bps, kernel=kernel)
+                           for i in range(slots)])
+    us = timed(cuda.KERNEL_AUTO)
+    mma16 = timed(cuda.KERNEL_MMA16) if t <= 2 else float("nan")
     desc = cuda.matrix_desc(layout, "w")
-    plan = cuda.native().gemm(slab[0], desc, [0, bits, 0, t], x, None, False, out, None, None, False, args.bps)
+    job = [bits, 0, t, *layout.chunk_starts]
+    k, _, kw, ks, kr, gx, gy, gz, _ = cuda.native().gemm(slab[0], desc, job, x, None, False, out, None, None,
+                                                         False, args.bps, cuda.KERNEL_AUTO)
     if (o, n, t) not in torch_us:
         w = torch.randn(rotation(2 * o * n, args.rotate_mb), o, n, device="cuda", dtype=torch.float16)
         torch_us[(o, n, t)] = graph_time([lambda i=i: F.linear(x, w[i]) for i in range(w.shape[0])])
-    return {"us": us, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)],
-            "plan": f"nt{plan[0]} k{plan[3]}x{plan[5]} grid {plan[6]}"}
+    plan = f"gemv kw{kw} k{ks}x{kr} grid {gx}" if k == 1 else f"mma16 k{ks}x{kr} grid {gx}x{gy}x{gz}"
+    return {"us": us, "mma16": mma16, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)], "plan": plan}
 
 
 def matrix_table(args, bw: float) -> list[str]:
     rows = ["| matrix | O x N | scheme | bits | T | ours us | GB/s | % copy BW | torch fp16 us | speed-up "
-            "| plan |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| mma16 us | plan |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     torch_us: dict = {}
     for name, o, n in MATRICES:
         for scheme in args.schemes:
@@ -125,13 +150,13 @@ def matrix_table(args, bw: float) -> list[str]:
                     r = bench_matrix(name, o, n, scheme, bits, t, args, torch_us)
                     rows.append(f"| {name} | {o}x{n} | {scheme} | {bits} | {t} | {r['us']:.1f} "
                                 f"| {r['gbs']:.0f} | {100 * r['gbs'] / bw:.0f}% | {r['torch']:.1f} "
-                                f"| {r['torch'] / r['us']:.2f}x | {r['plan']} |")
+                                f"| {r['torch'] / r['us']:.2f}x | {r['mma16']:.1f} | {r['plan']} |")
                     print(rows[-1], flush=True)
     return rows
 
 
-def layer_case(d, i, experts, t, bits_list, k=8, seed=0):
-    """Routing of t tokens to top-k of `experts`: (slots, bits, ptr, tokens, weights) by expert."""
+def layer_case(experts, t, bits_list, k, seed=0):
+    """Routing of t tokens to top-k of `experts`: (active, bits, ptr, tokens, weights) by expert."""
     rng = np.random.default_rng(seed)
     chosen = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(t)])
     active = sorted(set(chosen.ravel().tolist()))
@@ -145,29 +170,28 @@ def layer_case(d, i, experts, t, bits_list, k=8, seed=0):
     return active, bits, ptr, tokens, weights
 
 
-def bench_layer(name, d, i, experts, t, bits_list, scheme, args) -> str:
+def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args) -> str:
     layout = build_layout({"gate_up": (2 * i, d), "down": (d, i)}, scheme, GROUP)
-    active, bits, ptr, tokens, weights = layer_case(d, i, experts, t, bits_list)
+    active, bits, ptr, tokens, weights = layer_case(experts, t, bits_list, k)
     per_set = sum(layout.bytes_for_bits(b) for b in bits)
     sets = rotation(per_set, args.rotate_mb)
-    slab = random_slab(layout, sets * len(active), max(bits))
     x = torch.randn(t, d, device="cuda", dtype=torch.float16)
     tok = torch.tensor(tokens, dtype=torch.int32, device="cuda")
     wts = torch.tensor(weights, dtype=torch.float32, device="cuda")
-    slots = [[s * len(active) + j for j in range(len(active))] for s in range(sets)]
-    ours = graph_time([lambda s=s: cuda.moe_ffn(layout, slab, slots[s], bits, x, ptr, tok, wts,
-                                                blocks_per_sm=args.bps) for s in range(sets)])
-    eager = eager_time(lambda: cuda.moe_ffn(layout, slab, slots[0], bits, x, ptr, tok, wts,
-                                            blocks_per_sm=args.bps))
-    rows = [tok[ptr[j]:ptr[j + 1]].long() for j in range(len(active))]
+    arena, units = random_arena(layout, sets * len(active), max(bits))
+    units = units.reshape(sets, len(active), MAX_BITS)
 
-    def per_expert(s):  # our kernels, one expert_ffn (two launches) per expert
-        out = torch.zeros(t, d, device="cuda")
-        for j in range(len(active)):
-            y = cuda.expert_ffn(layout, slab[slots[s][j]], x[rows[j]], bits[j], blocks_per_sm=args.bps)
-            out.index_add_(0, rows[j], y * wts[ptr[j]:ptr[j + 1], None])
-        return out
-    loop = graph_time([lambda s=s: per_expert(s) for s in range(min(sets, 8))])
+    def units_call(s, kernel=cuda.KERNEL_AUTO):
+        return cuda.moe_ffn_units(layout, arena, units[s], bits, x, ptr, tok, wts, blocks_per_sm=args.bps,
+                                  kernel=kernel)
+    ours = graph_time([lambda s=s: units_call(s) for s in range(sets)])
+    mma16 = graph_time([lambda s=s: units_call(s, cuda.KERNEL_MMA16) for s in range(sets)])
+    eager = eager_time(lambda: units_call(0))
+    slab = random_slab(layout, sets * len(active), max(bits))
+    slots = [[s * len(active) + j for j in range(len(active))] for s in range(sets)]
+    on_slab = graph_time([lambda s=s: cuda.moe_ffn(layout, slab, slots[s], bits, x, ptr, tok, wts,
+                                                   blocks_per_sm=args.bps) for s in range(sets)])
+    rows = [tok[ptr[j]:ptr[j + 1]].long() for j in range(len(active))]
     fp16_set = len(active) * 3 * i * d * 2
     tsets = rotation(fp16_set, args.rotate_mb)
     gu = torch.randn(tsets, len(active), 2 * i, d, device="cuda", dtype=torch.float16) * 0.02
@@ -182,16 +206,19 @@ def bench_layer(name, d, i, experts, t, bits_list, scheme, args) -> str:
     ref = graph_time([lambda s=s: torch_layer(s) for s in range(tsets)])
     mix = "/".join(str(b) for b in bits_list)
     return (f"| {name} | {scheme} | {t} | {len(active)} | {mix} | {ours:.1f} | {per_set / ours / 1e3:.0f} "
-            f"| {loop:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
+            f"| {on_slab:.1f} | {mma16:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
 
 
 def layer_table(args) -> list[str]:
-    rows = ["| layer | scheme | T | experts | bits | ours 1 launch/matrix us | GB/s | ours per expert us "
-            "| torch fp16 us | speed-up | ours eager us |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, d, i, experts in LAYERS:
+    rows = ["| layer | scheme | T | experts | bits | moe_ffn_units us | GB/s | moe_ffn (slab) us "
+            "| mma16 units us | torch fp16 us | speed-up | eager us |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d, i, experts, k in LAYERS:
         for scheme in args.schemes:
             for t, mix in ((1, [4]), (1, [8, 8, 6, 6, 4, 4, 3, 2]), (16, [4])):
-                rows.append(bench_layer(name, d, i, experts, t, mix, scheme, args))
+                if t not in args.layer_tokens:
+                    continue
+                rows.append(bench_layer(name, d, i, experts, k, t, mix, scheme, args))
                 print(rows[-1], flush=True)
     return rows
 
@@ -200,6 +227,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", type=int, nargs="+", default=list(range(2, 9)))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--layer-tokens", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--schemes", nargs="+", default=["msb", "mwq"])
     ap.add_argument("--bps", type=int, default=cuda.BLOCKS_PER_SM, help="k split: 0 auto, n: n blocks per SM")
     ap.add_argument("--rotate-mb", type=int, default=256, help="weights cycled through per timing (> L2)")
@@ -215,7 +243,7 @@ def main(argv=None) -> int:
     head = [f"GPU: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
             f"measured copy bandwidth {bw:.0f} GB/s (read + write); group {GROUP}; x fp16; "
             f"k split {'auto' if args.bps <= 0 else f'{args.bps} blocks/SM'}; "
-            "plan: mma column tiles, k parts x inputs, blocks", ""]
+            "plan: kernel, k warps, k parts x inputs per part, grid", ""]
     print("\n".join(head), flush=True)
     lines = head + ([] if args.skip_matrices else matrix_table(args, bw) + [""])
     lines += [] if args.skip_layers else layer_table(args)

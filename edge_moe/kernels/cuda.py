@@ -1,10 +1,12 @@
 """CUDA backend: bit-plane GEMV/GEMM kernels from native/, built at first use, with a torch fallback.
 
-The ops mirror `reference.py` on torch tensors: expert buffers are uint8 tensors (one expert range,
-or a slab [S, B] with one expert slot per row), x is [T, N] float32/float16/bfloat16, results are
-float32. On CUDA tensors the native kernels run (native/README.md); when they cannot be built (no
-nvcc, no GPU of sm_75 or newer, a compile error) a one-line warning says why, once, and the same
-ops run as torch code: dequantize the planes on the tensors' device, then matmul.
+The ops mirror `reference.py` on torch tensors: experts are uint8 tensors (one expert range, a slab
+[S, B] with one expert slot per row, or an arena [U, unit_bytes] holding each expert's chunks in
+scattered units), x is [T, N] float32/float16/bfloat16, results are float32. The kernels read every
+expert through the addresses of its 8 chunks, so all three forms run without a copy. On CUDA tensors
+the native kernels run (native/README.md); when they cannot be built (no nvcc, no GPU of sm_75 or
+newer, a compile error) a one-line warning says why, once, and the same ops run as torch code:
+dequantize the planes on the tensors' device, then matmul.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, num_groups
 
 NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"
-SOURCES = ("binding.cpp", "launch.cu", "nested_gemm_msb.cu", "nested_gemm_mwq.cu")
-MAX_JOBS = 128  # active experts per launch (kMaxJobs in native/nested_gemm.cuh)
-BLOCKS_PER_SM = 0  # k split: 0 = wave model of native/launch.cu; n > 0 = aim for n blocks per SM
+SOURCES = ("binding.cpp", "launch.cu", "nested_gemm_msb.cu", "nested_gemm_mwq.cu", "gemv_msb.cu", "gemv_mwq.cu")
+MAX_JOBS = 64  # active experts per launch (kMaxJobs in native/nested_gemm.cuh)
+BLOCKS_PER_SM = 0  # k split: 0 = the planner's default (native/launch.cu); n > 0 = aim for n blocks per SM
+KERNEL_AUTO, KERNEL_MMA16, KERNEL_GEMV = 0, 1, 2  # kernel choice: gemv_kernel for T <= 2 where it applies
 
 _state = {"ext": None, "error": None}  # the built extension, or why it could not be built
 
@@ -77,7 +80,11 @@ _desc_cache: dict[tuple[int, str], tuple[ExpertLayout, list[int]]] = {}
 
 
 def matrix_desc(layout: ExpertLayout, matrix: str) -> list[int]:
-    """[scheme, O, N, G, plane_off x8, scale_off, min_off, alpha_off x6] of one matrix (binding.cpp)."""
+    """[scheme, O, N, G, plane offset in a chunk, metadata offset in a chunk] of one matrix (binding.cpp).
+
+    Plane p of the matrix is in chunk p and its metadata (scale in chunk 0, minimum in chunk 1, alpha
+    of plane p in chunk p) follow the planes of every matrix, so both offsets are the same in every chunk.
+    """
     key = (id(layout), matrix)
     hit = _desc_cache.get(key)
     if hit is not None and hit[0] is layout:
@@ -86,18 +93,19 @@ def matrix_desc(layout: ExpertLayout, matrix: str) -> list[int]:
     if matrix not in shapes:
         raise UsageError(f"matrix {matrix!r} is not in the expert layout; it has {', '.join(shapes)}")
     o, n = shapes[matrix]
-    first = {}
-    alpha = [0] * (MAX_BITS - BASE_BITS)
-    for s in layout.sections:
-        if s.matrix == matrix and s.kind in ("scale", "minimum"):
-            first[s.kind] = s.offset
-        if s.matrix == matrix and s.kind == "alpha":
-            alpha[s.level - 2] = s.offset
-    planes = [int(v) for v in layout.plane_offsets(matrix)]
-    desc = [0 if layout.scheme == "msb" else 1, o, n, layout.group, *planes, first["scale"], first["minimum"],
-            *alpha]
+    planes = {s.offset - layout.chunk_starts[s.chunk] for s in layout.sections
+              if s.matrix == matrix and s.kind == "planes"}
+    meta = {s.offset - layout.chunk_starts[s.chunk] for s in layout.sections
+            if s.matrix == matrix and s.kind != "planes"}
+    assert len(planes) == 1 and len(meta) == 1, "sections of a matrix must sit alike in every chunk"
+    desc = [0 if layout.scheme == "msb" else 1, o, n, layout.group, planes.pop(), meta.pop()]
     _desc_cache[key] = (layout, desc)
     return desc
+
+
+def _range_chunks(layout: ExpertLayout, start: int) -> list[int]:
+    """Byte offsets of chunks 0..7 of a contiguous expert range that starts `start` bytes into the base."""
+    return [start + c for c in layout.chunk_starts]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -133,10 +141,41 @@ def _ext_for(t: torch.Tensor):
     return native() if t.is_cuda else None
 
 
+def _check_arena(layout: ExpertLayout, arena) -> torch.Tensor:
+    arena = _as_bytes(arena)
+    if arena.dim() != 2 or arena.stride(1) != 1 or arena.stride(0) % 8:
+        raise UsageError(f"arena must be [U, unit_bytes] uint8 with rows on 8-byte boundaries, got "
+                         f"shape {tuple(arena.shape)} strides {arena.stride()}")
+    if arena.shape[1] < max(layout.chunk_sizes):
+        raise UsageError(f"arena rows hold {arena.shape[1]} bytes, the layout's chunks need "
+                         f"{max(layout.chunk_sizes)}")
+    return arena
+
+
+def _units_jobs(layout: ExpertLayout, arena: torch.Tensor, units, bits: list[int],
+                ptr: list[int]) -> list[list[int]]:
+    """Kernel jobs (bits, row0, count, chunk offsets) of entries whose chunk c is arena row units[j, c]."""
+    if isinstance(units, torch.Tensor):
+        units = units.cpu().numpy()
+    units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)
+    jobs = []
+    for j, b in enumerate(bits):
+        _check_bits(layout, layout.nbytes, b)
+        held = units[j, :b]
+        if len(held) < b or (held < 0).any() or (held >= arena.shape[0]).any():
+            raise UsageError(f"entry {j} at {b} bits lacks chunks or names units outside the arena's "
+                             f"{arena.shape[0]}: units {units[j].tolist()}")
+        if ptr[j + 1] > ptr[j]:
+            chunks = [int(held[c]) * arena.stride(0) if c < b else 0 for c in range(MAX_BITS)]
+            jobs.append([b, ptr[j], ptr[j + 1] - ptr[j], *chunks])
+    return jobs
+
+
 # ---------------------------------------------------------------- public ops
 
 def nested_matmul(layout: ExpertLayout, buf, matrix: str, x: torch.Tensor, bits: int,
-                  out: torch.Tensor | None = None, blocks_per_sm: int = BLOCKS_PER_SM) -> torch.Tensor:
+                  out: torch.Tensor | None = None, blocks_per_sm: int = BLOCKS_PER_SM,
+                  kernel: int = KERNEL_AUTO) -> torch.Tensor:
     """y [T, O] float32 = x [T, N] @ W_b.T for one expert buffer (uint8 [B], on x's device)."""
     buf = _as_bytes(buf)
     bits = _check_bits(layout, buf.numel(), bits)
@@ -148,46 +187,75 @@ def nested_matmul(layout: ExpertLayout, buf, matrix: str, x: torch.Tensor, bits:
         y = x.float() @ dequantized(layout, buf, matrix, bits).T
         return y if out is None else out.copy_(y)
     out = torch.empty(x.shape[0], o, dtype=torch.float32, device=x.device) if out is None else out
-    ext.gemm(buf, desc, [0, bits, 0, x.shape[0]], x, None, False, out, None, None,
-             False, blocks_per_sm)
+    ext.gemm(buf, desc, [bits, 0, x.shape[0], *_range_chunks(layout, 0)], x, None, False, out, None, None,
+             False, blocks_per_sm, kernel)
+    return out
+
+
+def _ffn(ext, layout: ExpertLayout, base: torch.Tensor, jobs: list[list[int]], x: torch.Tensor, rows: int,
+         tokens: torch.Tensor | None, weights: torch.Tensor | None, blocks_per_sm: int,
+         kernel: int) -> torch.Tensor:
+    """Two launches per MAX_JOBS jobs: gate_up of every job into h [rows, 2I] (x rows `tokens`), then
+    down reading silu(h[:, :I]) * h[:, I:], scaled by `weights` and added into out[tokens] [T, D]."""
+    i2, d = dict(layout.matrices)["gate_up"]
+    t = x.shape[0]
+    scratch = torch.zeros(rows * i2 + t * d, dtype=torch.float32, device=x.device)  # one memset for both
+    h, out = scratch[:rows * i2].view(rows, i2), scratch[rows * i2:].view(t, d)
+    up, down = matrix_desc(layout, "gate_up"), matrix_desc(layout, "down")
+    for c in range(0, len(jobs), MAX_JOBS):
+        part = [v for job in jobs[c:c + MAX_JOBS] for v in job]
+        ext.gemm(base, up, part, x, tokens, False, h, None, None, True, blocks_per_sm, kernel)
+        ext.gemm(base, down, part, h, None, True, out, tokens, weights, True, blocks_per_sm, kernel)
     return out
 
 
 def expert_ffn(layout: ExpertLayout, buf, x: torch.Tensor, bits: int,
-               blocks_per_sm: int = BLOCKS_PER_SM) -> torch.Tensor:
+               blocks_per_sm: int = BLOCKS_PER_SM, kernel: int = KERNEL_AUTO) -> torch.Tensor:
     """SwiGLU expert at `bits`: down(silu(gate(x)) * up(x)), x [T, D] -> [T, D] float32."""
     buf = _as_bytes(buf)
     bits = _check_bits(layout, buf.numel(), bits)
-    i2, d = dict(layout.matrices)["gate_up"]
-    x = _check_x(x, d, buf.device)
+    x = _check_x(x, dict(layout.matrices)["gate_up"][1], buf.device)
     ext = _ext_for(buf)
     if ext is None:
         return torch_expert_ffn(layout, buf, x, bits)
     t = x.shape[0]
-    scratch = torch.zeros(t * (i2 + d), dtype=torch.float32, device=x.device)  # one memset for both
-    h, out = scratch[:t * i2].view(t, i2), scratch[t * i2:].view(t, d)
-    job = [0, bits, 0, t]
-    ext.gemm(buf, matrix_desc(layout, "gate_up"), job, x, None, False, h, None, None, True, blocks_per_sm)
-    ext.gemm(buf, matrix_desc(layout, "down"), job, h, None, True, out, None, None, True, blocks_per_sm)
-    return out
+    return _ffn(ext, layout, buf, [[bits, 0, t, *_range_chunks(layout, 0)]], x, t, None, None, blocks_per_sm,
+                kernel)
 
 
 def gather_units(layout: ExpertLayout, arena: torch.Tensor, units, bits: int) -> torch.Tensor:
-    """One contiguous expert range from chunks held in arena rows (chunks are back to back on disk)."""
+    """One contiguous expert range from chunks held in arena rows (the torch fallback's input)."""
     index = torch.as_tensor(np.asarray(units[:bits], dtype=np.int64)).to(arena.device, non_blocking=True)
     rows = arena.index_select(0, index)  # [bits, U]
     return torch.cat([rows[c, :layout.chunk_sizes[c]] for c in range(bits)])
 
 
 def expert_ffn_units(layout: ExpertLayout, arena: torch.Tensor, units, x: torch.Tensor,
-                     bits: int) -> torch.Tensor:
-    """expert_ffn on an expert cached as units of a GPU arena (the runtime's form): gather, then run.
-    The gather costs one extra device copy of the expert's active bytes."""
-    return expert_ffn(layout, gather_units(layout, arena, units, bits), x, bits)
+                     bits: int, blocks_per_sm: int = BLOCKS_PER_SM, kernel: int = KERNEL_AUTO) -> torch.Tensor:
+    """expert_ffn on an expert whose chunk c lives in arena row units[c] (the runtime's form); the
+    kernels read the chunks where they are."""
+    arena = _check_arena(layout, arena)
+    bits = _check_bits(layout, layout.nbytes, bits)
+    x = _check_x(x, dict(layout.matrices)["gate_up"][1], arena.device)
+    t = x.shape[0]
+    jobs = _units_jobs(layout, arena, [units], [bits], [0, t])
+    ext = _ext_for(arena)
+    if ext is None:
+        return torch_expert_ffn(layout, gather_units(layout, arena, np.asarray(units), bits), x, bits)
+    if not jobs:
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return _ffn(ext, layout, arena, jobs, x, t, None, None, blocks_per_sm, kernel)
+
+
+def _routing(x: torch.Tensor, tokens, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    weights = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights)
+    return (tokens.to(device=x.device, dtype=torch.int32).contiguous(),
+            weights.to(device=x.device, dtype=torch.float32).contiguous())
 
 
 def moe_ffn(layout: ExpertLayout, slab, slots, bits, x: torch.Tensor, ptr, tokens, weights,
-            blocks_per_sm: int = BLOCKS_PER_SM) -> torch.Tensor:
+            blocks_per_sm: int = BLOCKS_PER_SM, kernel: int = KERNEL_AUTO) -> torch.Tensor:
     """All of a layer's active experts, two launches (gate_up, then down with silu * up fused).
 
     slab [S, B] uint8 on the GPU; active expert j lives in slot slots[j], runs at bits[j] on rows
@@ -196,8 +264,8 @@ def moe_ffn(layout: ExpertLayout, slab, slots, bits, x: torch.Tensor, ptr, token
     be on the GPU. x [T, D] -> out [T, D] float32 = sum of weighted expert outputs.
     """
     slab = _as_bytes(slab)
-    if slab.dim() != 2:
-        raise UsageError(f"slab must be [S, B], got shape {tuple(slab.shape)}")
+    if slab.dim() != 2 or slab.stride(1) != 1 or slab.stride(0) % 8:
+        raise UsageError(f"slab must be [S, B] with rows on 8-byte boundaries, got shape {tuple(slab.shape)}")
     slots, bits, ptr = (_host_ints(v) for v in (slots, bits, ptr))
     if len(ptr) != len(slots) + 1 or len(bits) != len(slots):
         raise UsageError(f"moe_ffn: {len(slots)} slots need {len(slots)} bits and {len(slots) + 1} ptr entries")
@@ -205,39 +273,37 @@ def moe_ffn(layout: ExpertLayout, slab, slots, bits, x: torch.Tensor, ptr, token
         if not 0 <= s < slab.shape[0]:
             raise UsageError(f"slot {s} is outside the slab's {slab.shape[0]} slots")
         _check_bits(layout, slab.shape[1], b)
-    i2, d = dict(layout.matrices)["gate_up"]
-    x = _check_x(x, d, slab.device)
-    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
-    weights = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights)
-    tokens = tokens.to(device=x.device, dtype=torch.int32).contiguous()
-    weights = weights.to(device=x.device, dtype=torch.float32).contiguous()
+    x = _check_x(x, dict(layout.matrices)["gate_up"][1], slab.device)
+    tokens, weights = _routing(x, tokens, weights)
     ext = _ext_for(slab)
     if ext is None:
         return torch_moe_ffn(layout, slab, slots, bits, x, ptr, tokens, weights)
-    t, total = x.shape[0], ptr[-1]
-    scratch = torch.zeros(total * i2 + t * d, dtype=torch.float32, device=x.device)
-    h, out = scratch[:total * i2].view(total, i2), scratch[total * i2:].view(t, d)
-    jobs = [v for j in range(len(slots)) if ptr[j + 1] > ptr[j]
-            for v in (slots[j], bits[j], ptr[j], ptr[j + 1] - ptr[j])]
-    up, down = matrix_desc(layout, "gate_up"), matrix_desc(layout, "down")
-    for c in range(0, len(jobs), 4 * MAX_JOBS):
-        part = jobs[c:c + 4 * MAX_JOBS]
-        ext.gemm(slab, up, part, x, tokens, False, h, None, None, True, blocks_per_sm)
-        ext.gemm(slab, down, part, h, None, True, out, tokens, weights, True, blocks_per_sm)
-    return out
+    jobs = [[bits[j], ptr[j], ptr[j + 1] - ptr[j], *_range_chunks(layout, slots[j] * slab.stride(0))]
+            for j in range(len(slots)) if ptr[j + 1] > ptr[j]]
+    return _ffn(ext, layout, slab, jobs, x, ptr[-1], tokens, weights, blocks_per_sm, kernel)
 
 
 def moe_ffn_units(layout: ExpertLayout, arena: torch.Tensor, units, bits, x: torch.Tensor, ptr, tokens,
-                  weights) -> torch.Tensor:
-    """moe_ffn on experts cached as arena units: gather each entry into a slab row, then one moe_ffn.
-    The gather costs one extra device copy of the active bytes."""
-    bits = _host_ints(bits)
-    width = layout.bytes_for_bits(max(bits)) if bits else 0
-    slab = torch.zeros((len(bits), width), dtype=torch.uint8, device=arena.device)
-    for j, b in enumerate(bits):
-        row = gather_units(layout, arena, units[j], b)
-        slab[j, :row.numel()] = row
-    return moe_ffn(layout, slab, list(range(len(bits))), bits, x, ptr, tokens, weights)
+                  weights, blocks_per_sm: int = BLOCKS_PER_SM, kernel: int = KERNEL_AUTO) -> torch.Tensor:
+    """moe_ffn on experts held as arena units (the runtime's form, see reference.moe_ffn_units): entry
+    j's chunk c is arena row units[j, c] (-1: not held), read in place; two launches per layer."""
+    arena = _check_arena(layout, arena)
+    bits, ptr = _host_ints(bits), _host_ints(ptr)
+    if len(ptr) != len(bits) + 1:
+        raise UsageError(f"moe_ffn_units: {len(bits)} entries need {len(bits) + 1} ptr entries, got {len(ptr)}")
+    x = _check_x(x, dict(layout.matrices)["gate_up"][1], arena.device)
+    jobs = _units_jobs(layout, arena, units, bits, ptr)
+    tokens, weights = _routing(x, tokens, weights)
+    ext = _ext_for(arena)
+    if ext is None:
+        units = np.asarray(units.cpu().numpy() if isinstance(units, torch.Tensor) else units,
+                           dtype=np.int64).reshape(len(bits), -1)
+        slab = torch.zeros((max(len(bits), 1), layout.nbytes), dtype=torch.uint8, device=arena.device)
+        for j, b in enumerate(bits):
+            row = gather_units(layout, arena, units[j], b)
+            slab[j, :row.numel()] = row
+        return torch_moe_ffn(layout, slab, list(range(len(bits))), bits, x, ptr, tokens, weights)
+    return _ffn(ext, layout, arena, jobs, x, ptr[-1], tokens, weights, blocks_per_sm, kernel)
 
 
 def _host_ints(v) -> list[int]:
@@ -257,23 +323,23 @@ def dequantized(layout: ExpertLayout, buf, matrix: str, bits: int) -> torch.Tens
     """The b-bit weight [O, N] float32 of one matrix, with torch ops on the buffer's device."""
     buf = _as_bytes(buf)
     bits = _check_bits(layout, buf.numel(), bits)
-    desc = matrix_desc(layout, matrix)
-    o, n, group = desc[1:4]
+    _, o, n, group, plane_in, meta_in = matrix_desc(layout, matrix)
+    starts = layout.chunk_starts
     ng = num_groups(n, group)
     meta = (o, ng)
-    scale, minimum = _f16(buf, desc[12], meta), _f16(buf, desc[13], meta)
+    scale, minimum = _f16(buf, starts[0] + meta_in, meta), _f16(buf, starts[1] + meta_in, meta)
     if layout.scheme == "msb":  # group_coefficients in format/nested.py
         coefs = [scale * float(2 ** (7 - p)) for p in range(bits)]
         offset = minimum + scale * ((2 ** (MAX_BITS - bits) - 1) / 2)
     else:
-        alphas = [_f16(buf, desc[14 + k], meta) for k in range(bits - BASE_BITS)]
+        alphas = [_f16(buf, starts[p] + meta_in, meta) for p in range(BASE_BITS, bits)]
         coefs = [2 * scale, scale, *(2 * a for a in alphas)]
         offset = minimum - sum(alphas) if alphas else minimum
     row_bytes = ng * group // 8
     shifts = torch.arange(8, device=buf.device, dtype=torch.uint8)
     w = offset[..., None].expand(o, ng, group).clone()
     for p in range(bits):
-        plane = buf[desc[4 + p]:desc[4 + p] + o * row_bytes].view(o, row_bytes)
+        plane = buf[starts[p] + plane_in:starts[p] + plane_in + o * row_bytes].view(o, row_bytes)
         bit = ((plane[..., None] >> shifts) & 1).reshape(o, ng, group)  # little bit order along N
         w += coefs[p][..., None] * bit
     return w.reshape(o, ng * group)[:, :n]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edge_moe.errors import UsageError
-from edge_moe.format.layout import build_layout, pack_expert
+from edge_moe.format.layout import build_layout, pack_expert, to_units
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize
 from edge_moe.kernels import cuda, reference
 from tests.tolerances import KERNEL_REL
@@ -70,6 +70,27 @@ def moe_case(scheme: str, group: int, t: int, experts: int = 5, k: int = 3):
     return layout, slab, slots, bits, ptr, tokens, weights
 
 
+def units_case(scheme: str, group: int, t: int, seed: int = 4):
+    """Two experts held as scattered arena units (the runtime's form); entry 2 is expert 0 again at
+    fewer bits (the runtime splits an expert's tokens by width). Returns (layout, arena, units, bits,
+    ptr, tokens, weights); some entries may get no token."""
+    layout, buf = expert(scheme, group)
+    other = expert(scheme, group, seed=7)[1]
+    rng = np.random.default_rng(seed)
+    arena = rng.integers(0, 256, size=(20, layout.unit_bytes), dtype=np.uint8)  # garbage where not held
+    units = np.array([[3, 17, 5, 9, 0, 12, 1, 19], [2, 4, 6, 8, 10, -1, -1, -1],
+                      [3, 17, 5, 9, 0, 12, 1, 19]])
+    arena[units[0]] = to_units(layout, buf)
+    arena[units[1, :5]] = to_units(layout, other, 5)
+    bits = np.array([8, 5, 3]) if scheme == "msb" else np.array([7, 5, 2])
+    counts = rng.integers(0, t + 1, size=3)
+    counts[rng.integers(0, 3)] = max(1, t // 2)  # at least one entry with tokens
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    tokens = np.concatenate([rng.choice(t, c, replace=False) for c in counts]).astype(np.int32)
+    weights = rng.random(len(tokens)).astype(np.float32)
+    return layout, arena, units, bits, ptr, tokens, weights
+
+
 # ---------------------------------------------------------------- torch fallback (any device)
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -94,6 +115,25 @@ def test_fallback_ops_on_cpu_tensors(scheme):
     want = reference.moe_ffn(layout, slab, slots, bits, inputs(7, DIM).numpy(), ptr, tokens, weights)
     got = cuda.moe_ffn(layout, torch.from_numpy(slab), slots, bits, inputs(7, DIM), ptr, tokens, weights)
     assert rel(got, want) < KERNEL_REL
+
+
+def test_fallback_moe_ffn_units_on_cpu_tensors():
+    layout, arena, units, bits, ptr, tokens, weights = units_case("mwq", 64, 5)
+    x = inputs(5, DIM)
+    want = reference.moe_ffn_units(layout, arena, units, bits, x, ptr, tokens, weights)
+    got = cuda.moe_ffn_units(layout, torch.from_numpy(arena), units, bits, x, ptr, tokens, weights)
+    assert rel(got, want) < KERNEL_REL
+
+
+def test_moe_ffn_units_refuses_missing_chunks():
+    layout, arena, units, bits, ptr, tokens, weights = units_case("msb", 64, 4)
+    units = units.copy()
+    units[1, 3] = -1  # entry 1 runs at 5 bits: chunk 3 is needed
+    with pytest.raises(UsageError, match="entry 1 at 5 bits lacks chunks"):
+        cuda.moe_ffn_units(layout, torch.from_numpy(arena), units, bits, inputs(4, DIM), ptr, tokens, weights)
+    with pytest.raises(UsageError, match="arena rows hold"):
+        cuda.moe_ffn_units(layout, torch.from_numpy(arena[:, :64]), units, bits, inputs(4, DIM), ptr, tokens,
+                           weights)
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
@@ -218,19 +258,67 @@ def test_torch_fallback_on_gpu(scheme):
 
 
 @pytest.mark.cuda
-def test_expert_ffn_units_matches_contiguous_buffer():
-    from edge_moe.format.layout import build_layout, pack_expert, to_units
-    from edge_moe.format.nested import quantize
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_moe_ffn_units_reads_scattered_chunks(scheme, group, t):
+    """A layer's entries as scattered arena units, mixed bits, one expert twice at two widths: the
+    kernels read the chunks in place (no gather) and match the reference on the same units."""
+    layout, arena, units, bits, ptr, tokens, weights = units_case(scheme, group, t, seed=t)
+    x = inputs(t, DIM, seed=t)
+    want = reference.moe_ffn_units(layout, arena, units, bits, x, ptr, tokens, weights)
+    got = cuda.moe_ffn_units(layout, torch.from_numpy(arena).cuda(), units, bits, x.cuda(), ptr,
+                             torch.from_numpy(tokens).cuda(), torch.from_numpy(weights).cuda())
+    assert got.is_cuda and rel(got, want) < KERNEL_REL
 
-    layout = build_layout({"gate_up": (192, 160), "down": (160, 96)}, "msb", 64)
-    rng = np.random.default_rng(3)
-    mats = {k: quantize(rng.standard_normal(s).astype(np.float32) * 0.05, "msb", 64)
-            for k, s in dict(layout.matrices).items()}
-    buf = np.frombuffer(pack_expert(layout, mats), dtype=np.uint8)
-    units = to_units(layout, buf)[::-1].copy()  # chunks stored in reverse unit order
-    arena = torch.from_numpy(units).cuda()
-    x = torch.randn(3, 160, device="cuda")
-    for bits in (2, 5, 8):
-        got = cuda.expert_ffn_units(layout, arena, np.arange(7, -1, -1), x, bits)
-        want = cuda.expert_ffn(layout, torch.from_numpy(buf.copy()).cuda(), x, bits)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_expert_ffn_units_reads_scattered_chunks(scheme):
+    layout, arena, units, _, _, _, _ = units_case(scheme, 128, 3)
+    arena_gpu = torch.from_numpy(arena).cuda()
+    for t, bits in ((1, 2), (2, 5), (3, 8)):
+        x = inputs(t, DIM, seed=bits)
+        want = reference.expert_ffn_units(layout, arena, units[0], x, bits)
+        assert rel(cuda.expert_ffn_units(layout, arena_gpu, units[0], x.cuda(), bits), want) < KERNEL_REL
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("kernel", [cuda.KERNEL_MMA16, cuda.KERNEL_GEMV])
+def test_each_kernel_on_decode_shapes(scheme, group, kernel):
+    """Both kernels that can serve T <= 2, forced, at every level (auto picks gemv_kernel there)."""
+    layout, buf = expert(scheme, group, seed=5, d=2112, i=50)  # gate_up [100, 2112], down [2112, 50]
+    for bits in BITS:
+        for t in (1, 2):
+            for matrix in ("gate_up", "down"):
+                n = dict(layout.matrices)[matrix][1]
+                x = inputs(t, n, seed=bits * 10 + t)
+                got = cuda.nested_matmul(layout, torch.from_numpy(buf).cuda(), matrix, x.cuda(), bits,
+                                         kernel=kernel)
+                assert rel(got, reference.nested_matmul(layout, buf, matrix, x, bits)) < KERNEL_REL
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("blocks_per_sm", [0, 64])  # 64: k split over blocks (atomics into a zeroed out)
+def test_gemv_long_k(scheme, blocks_per_sm):
+    layout, buf = expert(scheme, 128, seed=6, d=40, i=8320)  # down [40, 8320]: 65 spans, 17 chunks
+    x = inputs(1, 8320)
+    for bits in (2, 4, 8):
+        got = cuda.nested_matmul(layout, torch.from_numpy(buf).cuda(), "down", x.cuda(), bits,
+                                 blocks_per_sm=blocks_per_sm, kernel=cuda.KERNEL_GEMV)
+        assert rel(got, reference.nested_matmul(layout, buf, "down", x, bits)) < KERNEL_REL
+
+
+@pytest.mark.cuda
+def test_gemv_inputs_with_wide_range():
+    """x spanning many binades inside a span (24-bit integers per span) and all-zero spans."""
+    layout, buf = expert("msb", 128)
+    x = inputs(2, DIM) * torch.logspace(-6, 3, DIM)
+    x[:, 128:] = 0.0
+    for bits in (3, 8):
+        got = cuda.nested_matmul(layout, torch.from_numpy(buf).cuda(), "gate_up", x.cuda(), bits,
+                                 kernel=cuda.KERNEL_GEMV)
+        assert rel(got, reference.nested_matmul(layout, buf, "gate_up", x, bits)) < KERNEL_REL
