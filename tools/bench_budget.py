@@ -93,7 +93,8 @@ def speed_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     policies = [(name, streaming, knobs, False) for name, (streaming, knobs) in POLICIES.items()]
     for i, budget in enumerate(args.budgets):
-        resident = [(RESIDENT, "hebf", {"bits": 4}, True)] if i == len(args.budgets) - 1 and args.resident else []
+        last = i == len(args.budgets) - 1
+        resident = [(RESIDENT, "hebf", {"bits": 4}, True)] if last and args.resident else []
         for name, streaming, knobs, preload in policies + resident:
             knobs = {"quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits} \
                 if knobs == "dynamic" else knobs

@@ -1,4 +1,4 @@
-"""Decode tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (experts 8/4/3/2 bits) on one real-shape model.
+"""Decode tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (experts 8/4/3/2 bits) on a real-shape model.
 
     python tools/bench_vs_llamacpp.py --work DIR [--llama-cpp LLAMA_CPP_DIR] [--layers 4]
         [--tokens 64] [--repeats 5] [--depth 0] [--threads 2] [--configs 8:8 4:8 3:8 2:8 4:4 4:16]
@@ -9,7 +9,8 @@ One run: writes (or reuses, under --work) an OLMoE-1B-7B-shaped checkpoint with 
 then llama-quantize), times decode on both, and prints one markdown table plus the ratio
 edge-moe 4-bit experts / llama.cpp Q4_0. An edge-moe config EXPERT:DENSE gives the expert bits and
 --dense-bits (embedding, attention, LM head; 16 = bf16). llama.cpp's Q4_0 holds experts and
-attention at 4.5 bits and the LM head at Q6_K, so 4:4 is the like-for-like row and 4:8 the default. Both sides: --threads threads, every weight in RAM, --tokens
+attention at 4.5 bits and the LM head at Q6_K, so 4:4 is the like-for-like row and 4:8 the default.
+Both sides: --threads threads, every weight in RAM, --tokens
 single-token forward passes per repeat after a --depth-token context (llama-bench -d; the edge-moe
 prompt, at least 1 token) that is not timed, median of --repeats. --depth is 0 by default because
 this llama.cpp build segfaults in prompt processing (ggml_backend_amx_mul_mat, batch > 1) on this
@@ -222,7 +223,8 @@ def print_table(ggufs: dict, llama: dict, emoe: Path, edge: dict) -> None:
                 f"{r['bytes_read']} B read from file while timed")
         dense_name = "bf16 dense" if dense == 16 else f"{dense}-bit dense"
         print(row("edge-moe", f"{bits}-bit experts, {dense_name}", gb, r["rates"], ref, note))
-    print("\nGB: the GGUF file; edge-moe: its resident dense part (embedding, attention, LM head, routers) plus "
+    print("\nGB: the GGUF file; edge-moe: its resident dense part (embedding, attention, LM head, routers) "
+          "plus "
           "the expert bit-planes used at that width (all 8 planes are resident).")
     for (bits, dense), r in edge.items():
         if ref and bits == 4:

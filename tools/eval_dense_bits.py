@@ -48,7 +48,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ppl, toks = perplexity(m, wins, bits), greedy(m, prompts, bits)
                 base.setdefault(bits, (ppl, toks))
-                same = sum(a == b for x, y in zip(toks, base[bits][1], strict=True) for a, b in zip(x, y, strict=True))
+                pairs = zip(toks, base[bits][1], strict=True)
+                same = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
                 rows.append(f"| {dense} | {bits} | {ppl:.3f} | {100 * (ppl / base[bits][0] - 1):+.2f}% | "
                             f"{same}/{sum(map(len, toks))} | {time.perf_counter() - t0:.0f} s |")
                 print(rows[-1], flush=True)

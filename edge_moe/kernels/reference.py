@@ -60,5 +60,6 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
         rows = torch.from_numpy(np.asarray(tokens[ptr[j]:ptr[j + 1]], dtype=np.int64))
         if len(rows):
             y = expert_ffn_units(layout, arena, units[j], xt[rows], int(bits[j]))
-            out.index_add_(0, rows, y * torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]], np.float32))[:, None])
+            w = torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]], np.float32))
+            out.index_add_(0, rows, y * w[:, None])
     return out.to(x.device)

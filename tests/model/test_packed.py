@@ -14,12 +14,12 @@ from edge_moe.kernels import cpu, reference
 from edge_moe.model import packed
 from tests.tolerances import KERNEL_INT16_ACT_REL
 
-O, N = 300, 160  # neither a multiple of the row block (set to 128 below) nor of the group
+ROWS, N = 300, 160  # neither a multiple of the row block (set to 128 below) nor of the group
 
 
 @pytest.fixture
 def weight():
-    return (torch.from_numpy(np.random.default_rng(0).standard_normal((O, N)).astype(np.float32)) * 0.05
+    return (torch.from_numpy(np.random.default_rng(0).standard_normal((ROWS, N)).astype(np.float32)) * 0.05
             ).to(torch.bfloat16)
 
 
@@ -32,12 +32,13 @@ def oracle(w: torch.Tensor, bits: int) -> np.ndarray:
 def test_block_packing_equals_whole_matrix(weight, bits, monkeypatch):
     monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
     p = packed.pack_linear(weight, bits, reference)
-    layout = build_layout({"w": (O, N)}, packed.SCHEME, packed.GROUP)
+    layout = build_layout({"w": (ROWS, N)}, packed.SCHEME, packed.GROUP)
     whole = np.frombuffer(pack_expert(layout, {"w": quantize(weight.float().numpy(), packed.SCHEME,
                                                               packed.GROUP)}), np.uint8)
     assert p.nbytes == layout.bytes_for_bits(bits) < layout.nbytes or bits == 8
     assert np.array_equal(p.buf, whole[:p.nbytes])
-    np.testing.assert_array_equal(dequantize(unpack_matrix(p.layout, p.buf, "w", bits), bits), oracle(weight, bits))
+    unpacked = dequantize(unpack_matrix(p.layout, p.buf, "w", bits), bits)
+    np.testing.assert_array_equal(unpacked, oracle(weight, bits))
 
 
 @pytest.mark.parametrize("backend", [reference, cpu], ids=lambda b: b.__name__.rsplit(".", 1)[-1])
@@ -47,7 +48,7 @@ def test_matmul_and_rows_match_dequantized(weight, backend, t):
     x = torch.from_numpy(np.random.default_rng(t).standard_normal((2, t, N)).astype(np.float32))
     want = x.numpy() @ oracle(weight, 8).T
     got = p(x).numpy()
-    assert got.shape == (2, t, O)
+    assert got.shape == (2, t, ROWS)
     assert np.abs(got - want).max() / np.abs(want).max() < KERNEL_INT16_ACT_REL
     ids = torch.tensor([299, 0, 7, 7])
     np.testing.assert_array_equal(p.rows(ids).numpy(), oracle(weight, 8)[ids.numpy()])
