@@ -123,8 +123,11 @@ class MoePipeline:
             used = np.minimum(r.bits, held)
             for b in np.unique(used).tolist():
                 sel = used == b
-                units.append(expert_units), bits.append(b), tokens.append(r.tokens[sel])
-                weights.append(r.weights[sel]), ptr.append(ptr[-1] + int(sel.sum()))
+                units.append(expert_units)
+                bits.append(b)
+                tokens.append(r.tokens[sel])
+                weights.append(r.weights[sel])
+                ptr.append(ptr[-1] + int(sel.sum()))
                 self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=int(sel.sum()))
         t0 = time.perf_counter()
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
