@@ -3,25 +3,33 @@
 How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(x_g), DESIGN.md 1):
 - Activations become two signed 8-bit digits per input, x ~ d_g * (256 h + l) with one scale d_g per
   group (int16 precision: error <= max|x_g| / 65278 per input); the offsets use exact float sums.
-- For every 64 inputs of a row the b plane words are used as AVX-512 byte masks and added into one
-  byte code q (b x kmovq + masked vpaddb): msb q = sum_p 2^(7-p) bit_p, so w = s q + offset;
-  mwq q = 128 b0 + 64 b1 for the base and q = 128 bit_p for each sign plane, each with its own
-  coefficient. Then q.h and q.l with vpdpbusd (VNNI), and one int32 -> float flush per group.
-  The dequantized matrix is never formed; work per group is b mask-adds + 4 dots + one flush.
+- Byte codes: msb q = sum_p 2^(7-p) bit_p, so w = s q + offset; mwq q = 128 b0 + 64 b1 for the base
+  and q = 128 bit_p for each sign plane, each with its own coefficient. Then q.h and q.l with
+  vpdpbusd (VNNI) and one int32 -> float flush per group. The dequantized matrix is never formed.
+- GEMV, msb at group 128 (the default format), where the CPU has GFNI + VBMI: codes of 512 weights
+  at a time. One 64-byte load per plane, byte shuffles (vpermt2b/w/d) that put the plane bytes of
+  every 8 weights into one qword, then one vgf2p8affineqb per 64 weights transposes those 8x8 bits
+  into 8 byte codes; an AND drops planes above the width. Widths 2 / 3-4 / 5-8 are compiled as three
+  shuffle networks (7 straight-line instances compiled 2.5x slower for ~8% speed). Plane rows are
+  prefetched 2 KB ahead. Every other case (mwq, other groups, no GFNI): each plane's 64-bit word is
+  an AVX-512 byte mask added into q (b x kmovq + masked vpaddb per 64 weights).
 - T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
-  and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a layer in one
-  numba call with two parallel loops: gate_up rows of every expert, then down rows (each work item
-  owns output rows, so no atomics); expert_ffn and expert_ffn_units are that call with one expert.
-Measured on the 2-core AVX-512 VNNI Xeon of issue 3 (cycles per group of 128 weights, one thread,
+  (mask adds) and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a
+  layer in one numba call with two parallel loops: gate_up rows of every expert, then down rows
+  (each work item owns output rows, so no atomics); expert_ffn and expert_ffn_units are that call
+  with one expert.
+Measured on the 2-core AVX-512 Xeon of issue 3 (cycles per group of 128 weights, one thread, N = 4096,
 weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py):
-- this design: 14 / 18 / 25.5 (N = 4096), 17 / 22.5 / 31 (N = 1024: per-row costs show).
+- shuffle network: 9.6 / 11.8 / 17.1. Port 0 (vpdpbusd, vgf2p8affineqb, the flush) is the limit:
+  4 dots of the two digits per group cost the same at every width, so 2 bits is not much cheaper.
+- mask adds: 12.9 / 12.4 / 19.3 (kmovq and vpaddb are 2 port-0/5 uops per plane per 64 weights).
 - one int8 digit (llama.cpp-style Q8 activations): ~3 cycles less per group, but ~1% error.
 - three digits (24-bit activations, fp32-exact): ~2-3 cycles more per group.
-- float masked FMA per plane (kmovw + vfmadd231ps{k}, exact fp32): the core issues one masked op
-  per cycle, >= 32 cycles per group at 4 bits; 4-bit GEMV 2048x1024 took 128 us vs 72 us for this
-  design (2 threads). Plain numba unpack-then-FMA loops (the issue's probe): 8-22% of bandwidth.
-- software prefetch of the next rows: 25-45% slower at 4-8 bits; two rows per pass: 6-10% faster
-  in L2, not worth the code. Both left out.
+- float masked FMA per plane (kmovw + vfmadd231ps{k}, exact fp32): >= 32 cycles per group at 4 bits.
+  Plain numba unpack-then-FMA loops (the issue's probe): 8-22% of bandwidth.
+- software prefetch: 25-45% slower with mask adds at 4-8 bits (ports were full); with the shuffle
+  network it turned a 2-bit 1024x4096 GEMV from 131 to ~80-95 us (2 threads, DRAM) and is neutral at
+  4-8 bits.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, num_groups
 from edge_moe.kernels.simd import (
+    GFNI,
     _addr,
+    _codes512,
     _dpbusd,
     _fload,
     _fma_s,
@@ -53,7 +63,9 @@ from edge_moe.kernels.simd import (
     _join_digits,
     _ldf,
     _ldi,
+    _prefetch,
     _qload,
+    _qload_n,
     _qmask_add,
     _qstore,
     _qzero,
@@ -62,6 +74,10 @@ from edge_moe.kernels.simd import (
 XDIGIT_MAX = 32639  # |x / d| bound so that both balanced base-256 digits fit in int8
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
 ROWS_PER_ITEM = 64  # output rows per parallel work item
+PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
+X_STEP = 512  # digit bytes of one 512-input block
+DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
+NOGF = False
 
 _POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, axis=1)  # [8, 64]
 
@@ -93,11 +109,28 @@ def _digit_row(x, G, ng, dig, scale, sums):
             dig[1, i] = low
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def _digits_of(x, md):
+    """Digits, scales and sums (_digit_arrays) of every row of x; in parallel only when there are
+    enough rows to pay for waking the other thread (~1.4 us here)."""
+    T = x.shape[0]
+    dig, dsc, dsum = _digit_arrays(T, md)
+    if T < 8:
+        for t in range(T):
+            _digit_row(x[t], md[2], md[3], dig[t], dsc[t], dsum[t])
+    else:
+        for t in prange(T):
+            _digit_row(x[t], md[2], md[3], dig[t], dsc[t], dsum[t])
+    return dig, dsc, dsum
+
+
 @njit(cache=True)
 def _digit_arrays(R, md):
-    """Zeroed digits [R, 2, ng*G], scales [R, ngp], sums [R, ngp] for inputs of matrix md."""
-    return (np.zeros((R, 2, md[3] * md[2]), np.int8), np.zeros((R, md[4]), np.float32),
-            np.zeros((R, md[4]), np.float32))
+    """Zeroed digits [R, 2, ng*G], scales [R, ngp], sums [R, ngp] for inputs of matrix md; the digits
+    are followed by DIGIT_PAD readable bytes (a last 512-input block reads up to 3 groups past)."""
+    size = R * 2 * md[3] * md[2]
+    dig = np.zeros(size + DIGIT_PAD, np.int8)[:size].reshape((R, 2, md[3] * md[2]))
+    return dig, np.zeros((R, md[4]), np.float32), np.zeros((R, md[4]), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +197,80 @@ def _dot2(h, lo, q, x, npad):
     return _dpbusd(h, q, x), _dpbusd(lo, q, x + npad)
 
 
+@njit(inline='always')
+def _group128(acc, q0, q1, xb, npad, cg):
+    """acc + C[g] * (codes q0 q1) . (digits of 128 inputs at xb)."""
+    h, lo = _dot2(_izero(), _izero(), q0, xb, npad)
+    h, lo = _dot2(h, lo, q1, xb + 64, npad)
+    return _fma_s(acc, _join_digits(h, lo), _ldf(cg))
+
+
+@njit(inline='always')
+def _plane_block(p, n):
+    """The 64 bytes at address p; n < 64: the first n, zeros after (a masked load, which costs an
+    extra uop, so full blocks pass the literal 64)."""
+    if n < 64:
+        return _qload_n(p, n)
+    return _qload(p)
+
+
+@njit(inline='always')
+def _block512(NW, bits, a, n, acc, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
+    """acc + the 4 groups of 512 weights whose plane bytes start at a (n of them)."""
+    q = _codes512(NW, bits, _plane_block(p0 + a, n), _plane_block(p1 + a, n), _plane_block(p2 + a, n),
+                  _plane_block(p3 + a, n), _plane_block(p4 + a, n), _plane_block(p5 + a, n),
+                  _plane_block(p6 + a, n), _plane_block(p7 + a, n))
+    acc = _group128(acc, q[0], q[1], xb, npad, cg)
+    acc = _group128(acc, q[2], q[3], xb + 128, npad, cg + 4)
+    acc = _group128(acc, q[4], q[5], xb + 256, npad, cg + 8)
+    return _group128(acc, q[6], q[7], xb + 384, npad, cg + 12)
+
+
+@njit(inline='always')
+def _row_msb512(NW, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
+    """sum_g C[g] * q_g . x_g over one msb row of group-128 codes (rb plane bytes), codes built 512
+    at a time; a last block of 1-3 groups reads zeros past the row (and x digits and C[g] past it:
+    padding that is there, C[g] = 0)."""
+    acc = _fzero()
+    full = rb // 64
+    for k in range(full):
+        acc = _block512(NW, bits, a + 64 * k, 64, acc, X_STEP * k + xb, cg + 16 * k, npad,
+                        p0, p1, p2, p3, p4, p5, p6, p7)
+    if rb > 64 * full:
+        acc = _block512(NW, bits, a + 64 * full, rb - 64 * full, acc, X_STEP * full + xb, cg + 16 * full,
+                        npad, p0, p1, p2, p3, p4, p5, p6, p7)
+    return acc
+
+
 @njit(cache=True)
-def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
-    """y[o - o0] = W_b[o] . x for one token: X digits, Dsc scales, Dsum sums (addresses)."""
+def _gemv_msb128(NW, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
+    """_gemv for msb at group 128 with bits <= NW (a literal: 2, 4 or 8, the shuffle network's width).
+    Plane rows are also prefetched PREFETCH_BYTES ahead: alone, the hardware prefetcher lagged at
+    low bits (a 2-bit GEMV took as long as a 4-bit one)."""
+    CA, C = _addr(ca), _addr(coef)
+    ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
+    npad, dist = ng * 128, -(-PREFETCH_BYTES // rb)
+    p0 = _ldi(CA) + poff  # planes at or above bits alias plane 0: read, then masked out
+    p1 = _ldi(CA + 8) + poff
+    p2 = _ldi(CA + 16) + poff if bits > 2 else p0
+    p3 = _ldi(CA + 24) + poff if bits > 3 else p0
+    p4 = _ldi(CA + 32) + poff if bits > 4 else p0
+    p5 = _ldi(CA + 40) + poff if bits > 5 else p0
+    p6 = _ldi(CA + 48) + poff if bits > 6 else p0
+    p7 = _ldi(CA + 56) + poff if bits > 7 else p0
+    for o in range(o0, o1):
+        yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, Dsum)
+        if o + dist < md[0]:
+            pa = (o + dist) * rb
+            for k in range(pa, pa + rb, 64):
+                for p in range(bits):
+                    _prefetch(_ldi(CA + 8 * p) + poff + k)
+        y[o - o0] = yo + _fsum(_row_msb512(NW, bits, o * rb, rb, X, C, npad, p0, p1, p2, p3, p4, p5, p6, p7))
+
+
+@njit(cache=True)
+def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
+    """_gemv for every scheme and group: codes built 64 at a time by masked byte adds."""
     CA, W, C = _addr(ca), _addr(w), _addr(coef)
     G, ng, ngp, rbytes, poff, moff = md[2], md[3], md[4], md[5], md[6], md[7]
     npad, nch, gb = ng * G, G // 64, G // 8
@@ -174,22 +278,16 @@ def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     p4, p5, p6, p7 = _ldi(CA + 32) + poff, _ldi(CA + 40) + poff, _ldi(CA + 48) + poff, _ldi(CA + 56) + poff
     w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
     w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
+    b = 2 if mwq else bits
     for o in range(o0, o1):
         yo = _coefs(CA, moff, ng, ngp, bits, mwq, o, C, 0, Dsc, Dsum)
         acc = _fzero()
         for g in range(ng):
             a, xb = o * rbytes + g * gb, X + g * G
-            b = 2 if mwq else bits
             h, lo = _izero(), _izero()
-            if nch == 2:  # group 128, the common case: straight-line code
-                h, lo = _dot2(h, lo, _qbuild(a, b, p0, p1, p2, p3, p4, p5, p6, p7,
-                                             w0, w1, w2, w3, w4, w5, w6, w7), xb, npad)
-                h, lo = _dot2(h, lo, _qbuild(a + 8, b, p0, p1, p2, p3, p4, p5, p6, p7,
-                                             w0, w1, w2, w3, w4, w5, w6, w7), xb + 64, npad)
-            else:
-                for c in range(nch):
-                    h, lo = _dot2(h, lo, _qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
-                                                 w0, w1, w2, w3, w4, w5, w6, w7), xb + 64 * c, npad)
+            for c in range(nch):
+                h, lo = _dot2(h, lo, _qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                             w0, w1, w2, w3, w4, w5, w6, w7), xb + 64 * c, npad)
             acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * g))
             if mwq:
                 for p in range(BASE_BITS, bits):
@@ -199,6 +297,21 @@ def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
                         h, lo = _dot2(h, lo, _qmask_add(_qzero(), pa + 8 * c, w0), xb + 64 * c, npad)
                     acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * ((p - 1) * ngp + g)))
         y[o - o0] = yo + _fsum(acc)
+
+
+@njit(cache=True)
+def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
+    """y[o - o0] = W_b[o] . x for one token: X digits, Dsc scales, Dsum sums (addresses)."""
+    if GFNI:  # a constant: numba prunes the other branch, so no target compiles what it lacks
+        if md[2] == 128 and not mwq:  # the default format: the shuffle-network kernel
+            if bits == 2:
+                _gemv_msb128(2, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+            elif bits <= 4:
+                _gemv_msb128(4, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+            else:
+                _gemv_msb128(8, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+            return
+    _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y)
 
 
 @njit(cache=True)
@@ -294,11 +407,11 @@ def _rows(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, out, orows
 # Parallel entry kernels: one numba call per matmul, per expert FFN, per MoE layer.
 
 @njit(cache=True, parallel=True, nogil=True)
-def _matmul_kernel(ca, md, bits, mwq, x, W, out):
+def _matmul_kernel(buf, starts, md, bits, mwq, x, W, out):
+    """out = x @ W_b.T for the matrix md of the contiguous expert range buf (chunk c at starts[c])."""
+    ca = _addr(buf) + starts
     T = x.shape[0]
-    dig, dsc, dsum = _digit_arrays(T, md)
-    for t in prange(T):
-        _digit_row(x[t], md[2], md[3], dig[t], dsc[t], dsum[t])
+    dig, dsc, dsum = _digits_of(x, md)
     rows = np.arange(T)
     ones = np.ones(T, np.float32)
     nblk = -(-md[0] // ROWS_PER_ITEM)
@@ -314,9 +427,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
     E, P = cas.shape[0], ptr[cas.shape[0]]
     I2, D = md_gu[0], md_dn[0]
     inter = I2 // 2
-    dig, dsc, dsum = _digit_arrays(x.shape[0], md_gu)
-    for t in prange(x.shape[0]):
-        _digit_row(x[t], md_gu[2], md_gu[3], dig[t], dsc[t], dsum[t])
+    dig, dsc, dsum = _digits_of(x, md_gu)
     pairs = np.arange(P)
     ones = np.ones(P, np.float32)
     hid = np.empty((P, I2), np.float32)
@@ -388,7 +499,10 @@ def _address(a: np.ndarray) -> int:
 
 
 def _as_x(x, n: int) -> np.ndarray:
-    x = x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+    if isinstance(x, torch.Tensor):
+        x = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+    else:
+        x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != n:
         raise UsageError(f"x has shape {tuple(x.shape)}, expected [T, {n}]")
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -404,7 +518,7 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
     xs = _as_x(x, int(md[1]))
     out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
     if xs.shape[0]:
-        _matmul_kernel(_address(buf) + plan.starts, md, bits, plan.mwq, xs, _POWERS, out)
+        _matmul_kernel(buf, plan.starts, md, bits, plan.mwq, xs, _POWERS, out)
     return torch.from_numpy(out)
 
 
