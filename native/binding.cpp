@@ -28,7 +28,7 @@ int dtype_code(const torch::Tensor& x) {
 // mat: scheme, O, N, G, byte offset of the matrix's plane rows in a chunk, of its metadata in a chunk.
 // jobs: per job (bits, row0, count, byte offset of chunk 0..7 from base's first byte), flattened.
 // kernel: 0 auto, 1 nested_gemm_kernel, 2 gemv_kernel. Returns the plan (kernel, token tile, k warps,
-// k parts, k range, grid x, y, z, shared bytes).
+// k parts, k range, grid x, y, z, shared bytes, warps per block; gemv_kernel: ring stages for token tile).
 std::vector<int64_t> gemm(torch::Tensor base, std::vector<int64_t> mat, std::vector<int64_t> jobs,
                           torch::Tensor x, std::optional<torch::Tensor> xidx, bool swiglu,
                           torch::Tensor out, std::optional<torch::Tensor> oidx,
@@ -89,9 +89,25 @@ std::vector<int64_t> gemm(torch::Tensor base, std::vector<int64_t> mat, std::vec
                                               static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream().stream(),
                                               &plan, err, sizeof(err));
   TORCH_CHECK(rc == 0, "nested_gemm: ", err);
-  return {plan.kernel, plan.nt, plan.kw, plan.ksplit, plan.kr, plan.grid_x, plan.grid_y, plan.grid_z, plan.smem};
+  return {plan.kernel, plan.nt, plan.kw, plan.ksplit, plan.kr, plan.grid_x, plan.grid_y, plan.grid_z, plan.smem,
+          plan.warps};
+}
+
+// Forces parts of gemv_kernel's plan (0: the planner's) and turns programmatic dependent launch off
+// or on, for every later call in this process (benchmarks).
+void set_gemv_options(bool pdl, int64_t kw, int64_t nw, int64_t stages) {
+  edge_moe::GemvOptions o;
+  o.pdl = pdl ? 1 : 0;
+  o.kw = static_cast<int>(kw);
+  o.nw = static_cast<int>(nw);
+  o.stages = static_cast<int>(stages);
+  TORCH_CHECK(o.kw == 0 || o.kw == 1 || o.kw == 2 || o.kw == 4 || o.kw == 8, "kw must be 0, 1, 2, 4 or 8");
+  TORCH_CHECK(o.nw >= 0 && o.nw <= 8 && (o.nw == 0 || o.kw == 0 || o.nw % o.kw == 0), "nw must be 0..8, a multiple of kw");
+  TORCH_CHECK(o.stages == 0 || (o.stages >= 2 && o.stages <= 4), "stages must be 0 or 2..4");
+  edge_moe::set_gemv_options(o);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "bit-plane GEMV/GEMM over experts given by chunk addresses (native/README.md)");
+  m.def("set_gemv_options", &set_gemv_options, "force gemv_kernel plan parts (0: auto) and PDL on/off");
 }

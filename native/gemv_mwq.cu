@@ -1,12 +1,13 @@
-// Decode kernel instance for the "mwq" scheme (gemv.cuh).
+// Decode kernel instances for the "mwq" scheme (gemv.cuh), one per bit class.
 #include "gemv.cuh"
 
 namespace edge_moe {
 
-cudaError_t launch_gemv_mwq(const Params& p, const Jobs& j, dim3 grid, size_t smem, cudaStream_t stream) {
-  return launch_gemv<kMwq>(p, j, grid, smem, stream);
+cudaError_t launch_gemv_mwq(const Params& p, const Jobs& j, dim3 grid, dim3 block, size_t smem, int bclass,
+                            cudaStream_t stream) {
+  return launch_gemv<kMwq>(p, j, grid, block, smem, bclass, stream);
 }
 
-int occupancy_gemv_mwq(size_t smem) { return occupancy_gemv<kMwq>(smem); }
+int occupancy_gemv_mwq(int bclass, int threads, size_t smem) { return occupancy_gemv<kMwq>(bclass, threads, smem); }
 
 }  // namespace edge_moe

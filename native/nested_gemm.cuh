@@ -63,13 +63,24 @@ struct Params {
   uint32_t magic;            // kMagic, passed at run time so that it stays in a register (one LOP3)
   // plan of the decode kernel (gemv.cuh): k warps per row tile, spans (128 inputs) per k part
   int kw, spb, nsp, gshift, xa_bytes, xst_bytes, meta_bytes;  // gshift: log2(G / 128)
+  int nw, stages, ring_off, ring_bits;  // warps per block, weight ring depth, its offset, planes per stage
+  int pdl;                              // launched as a programmatic dependent: prefetch into L2 first
 };
 
 struct Plan {  // what launch_nested_gemm chose (reported to Python for benchmarks)
   int kernel;    // 0: nested_gemm_kernel (fp16 mma), 1: gemv_kernel (int8 mma)
-  int nt, kw, ksplit, kr, grid_x, grid_y, grid_z;
+  int nt, kw, ksplit, kr, grid_x, grid_y, grid_z;  // nt: token tiles (gemv_kernel: weight ring stages)
   long long smem;
+  int warps;     // per block
 };
+
+// Parts of the decode kernel's plan forced (0: the planner's choice) and whether it may launch as a
+// programmatic dependent of the previous kernel (sm_90); for benchmarks and tests.
+struct GemvOptions {
+  int pdl = 1;
+  int kw = 0, nw = 0, stages = 0;
+};
+void set_gemv_options(const GemvOptions& o);
 
 // Picks the kernel (kernel: 0 auto, 1 nested_gemm_kernel, 2 gemv_kernel where it applies), plans
 // (token tile, k split, shared memory) and launches on `stream`. Returns 0, or 1 with a message in

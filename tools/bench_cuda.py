@@ -2,6 +2,7 @@
 the ratio to torch fp16 matmul on the same shapes, side by side in one run. Prints markdown tables.
 
     PYTHONPATH=. python3 tools/bench_cuda.py [--tokens 1 16] [--bits 2 4 8] [--out bench.md]
+        [--baseline DIR] [--no-pdl] [--plan KW,NW,STAGES] [--only Mixtral OLMoE]
 
 Times are medians of CUDA-graph replays (each replay runs every buffer of a rotation once), so
 they hold GPU time, not Python launch overhead; the rotation covers at least --rotate-mb of weights
@@ -9,11 +10,14 @@ so that repeated calls read DRAM, not L2. Matrix rows time the automatic kernel 
 gemv_kernel for T <= 2) and, for T <= 2, the fp16-mma kernel forced ("mma16"), side by side. The
 layer table times moe_ffn_units on experts scattered over arena units (the runtime's call) and
 moe_ffn on a slab; its "eager" column is wall time per call without graphs (Python included).
+--baseline DIR builds the native sources in DIR (e.g. an older commit's native/) as a second
+extension and times its automatic kernel choice on the same buffers in the same run ("base" columns).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -114,6 +118,28 @@ def rotation(nbytes: int, mb: int) -> int:
     return max(2, min(512, -(-mb * (1 << 20) // max(nbytes, 1))))
 
 
+_baseline = {}
+
+
+def baseline_ext(path: str | None):
+    """The extension built from the native sources in `path` (None: no baseline)."""
+    if not path:
+        return None
+    if path not in _baseline:
+        import zlib
+
+        from torch.utils.cpp_extension import load
+        major, minor = torch.cuda.get_device_capability()
+        tag = zlib.crc32(os.path.abspath(path).encode())
+        name = f"edge_moe_baseline_{tag:08x}_sm{major}{minor}"
+        build = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp"), name)
+        os.makedirs(build, exist_ok=True)
+        _baseline[path] = load(name=name,
+                               sources=[os.path.join(path, s) for s in cuda.SOURCES], build_directory=build,
+                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)
+    return _baseline[path]
+
+
 def bench_matrix(name, o, n, scheme, bits, t, args, torch_us: dict) -> dict:
     layout = build_layout({"w": (o, n)}, scheme, GROUP)
     nbytes = layout.bytes_for_bits(bits)
@@ -129,28 +155,38 @@ def bench_matrix(name, o, n, scheme, bits, t, args, torch_us: dict) -> dict:
     mma16 = timed(cuda.KERNEL_MMA16) if t <= 2 else float("nan")
     desc = cuda.matrix_desc(layout, "w")
     job = [bits, 0, t, *layout.chunk_starts]
-    k, _, kw, ks, kr, gx, gy, gz, _ = cuda.native().gemm(slab[0], desc, job, x, None, False, out, None, None,
-                                                         False, args.bps, cuda.KERNEL_AUTO)
+    base = baseline_ext(args.baseline)
+    base_us = float("nan")
+    if base is not None:
+        base_us = graph_time([lambda i=i: base.gemm(slab[i], desc, job, x, None, False, out, None, None, False,
+                                                    args.bps, cuda.KERNEL_AUTO) for i in range(slots)])
+    k, st, kw, ks, kr, gx, gy, gz, _, nw = cuda.native().gemm(slab[0], desc, job, x, None, False, out, None,
+                                                              None, False, args.bps, cuda.KERNEL_AUTO)
     if (o, n, t) not in torch_us:
         w = torch.randn(rotation(2 * o * n, args.rotate_mb), o, n, device="cuda", dtype=torch.float16)
         torch_us[(o, n, t)] = graph_time([lambda i=i: F.linear(x, w[i]) for i in range(w.shape[0])])
-    plan = f"gemv kw{kw} k{ks}x{kr} grid {gx}" if k == 1 else f"mma16 k{ks}x{kr} grid {gx}x{gy}x{gz}"
-    return {"us": us, "mma16": mma16, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)], "plan": plan}
+    plan = (f"gemv w{nw} kw{kw} s{st} k{ks}x{kr} grid {gx}" if k == 1
+            else f"mma16 k{ks}x{kr} grid {gx}x{gy}x{gz}")
+    return {"us": us, "mma16": mma16, "base": base_us, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)],
+            "plan": plan}
 
 
 def matrix_table(args, bw: float) -> list[str]:
     rows = ["| matrix | O x N | scheme | bits | T | ours us | GB/s | % copy BW | torch fp16 us | speed-up "
-            "| mma16 us | plan |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| base us | base speed-up | mma16 us | plan |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     torch_us: dict = {}
     for name, o, n in MATRICES:
+        if args.only and not any(w.lower() in name.lower() for w in args.only):
+            continue
         for scheme in args.schemes:
             for t in args.tokens:
                 for bits in args.bits:
                     r = bench_matrix(name, o, n, scheme, bits, t, args, torch_us)
                     rows.append(f"| {name} | {o}x{n} | {scheme} | {bits} | {t} | {r['us']:.1f} "
                                 f"| {r['gbs']:.0f} | {100 * r['gbs'] / bw:.0f}% | {r['torch']:.1f} "
-                                f"| {r['torch'] / r['us']:.2f}x | {r['mma16']:.1f} | {r['plan']} |")
+                                f"| {r['torch'] / r['us']:.2f}x | {r['base']:.1f} "
+                                f"| {r['torch'] / r['base']:.2f}x | {r['mma16']:.1f} | {r['plan']} |")
                     print(rows[-1], flush=True)
     return rows
 
@@ -185,6 +221,15 @@ def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args) -> str:
         return cuda.moe_ffn_units(layout, arena, units[s], bits, x, ptr, tok, wts, blocks_per_sm=args.bps,
                                   kernel=kernel)
     ours = graph_time([lambda s=s: units_call(s) for s in range(sets)])
+    base = baseline_ext(args.baseline)
+    base_us = float("nan")
+    if base is not None:  # the same moe_ffn_units calls through the baseline extension
+        native = cuda._state["ext"]
+        cuda._state["ext"] = base
+        try:
+            base_us = graph_time([lambda s=s: units_call(s) for s in range(sets)])
+        finally:
+            cuda._state["ext"] = native
     mma16 = graph_time([lambda s=s: units_call(s, cuda.KERNEL_MMA16) for s in range(sets)])
     eager = eager_time(lambda: units_call(0))
     slab = random_slab(layout, sets * len(active), max(bits))
@@ -206,14 +251,16 @@ def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args) -> str:
     ref = graph_time([lambda s=s: torch_layer(s) for s in range(tsets)])
     mix = "/".join(str(b) for b in bits_list)
     return (f"| {name} | {scheme} | {t} | {len(active)} | {mix} | {ours:.1f} | {per_set / ours / 1e3:.0f} "
-            f"| {on_slab:.1f} | {mma16:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
+            f"| {on_slab:.1f} | {mma16:.1f} | {base_us:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
 
 
 def layer_table(args) -> list[str]:
     rows = ["| layer | scheme | T | experts | bits | moe_ffn_units us | GB/s | moe_ffn (slab) us "
-            "| mma16 units us | torch fp16 us | speed-up | eager us |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| mma16 units us | base units us | torch fp16 us | speed-up | eager us |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d, i, experts, k in LAYERS:
+        if args.only and not any(w.lower() in name.lower() for w in args.only):
+            continue
         for scheme in args.schemes:
             for t, mix in ((1, [4]), (1, [8, 8, 6, 6, 4, 4, 3, 2]), (16, [4])):
                 if t not in args.layer_tokens:
@@ -234,16 +281,24 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-matrices", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--out", help="also write the tables to this markdown file")
+    ap.add_argument("--baseline", help="native/ sources of a baseline build, timed in the same run")
+    ap.add_argument("--no-pdl", action="store_true", help="gemv_kernel without programmatic dependent launch")
+    ap.add_argument("--plan", help="force gemv_kernel's KW,NW,STAGES (0: the planner's)")
+    ap.add_argument("--only", nargs="+", help="matrices / layers whose name contains one of these")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or cuda.native() is None:
         print(f"no native CUDA kernels: {cuda.native_error() or 'no GPU'}", file=sys.stderr)
         return 1
+    kw, nw, st = (int(v) for v in (args.plan or "0,0,0").split(","))
+    cuda.native().set_gemv_options(not args.no_pdl, kw, nw, st)
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     head = [f"GPU: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
             f"measured copy bandwidth {bw:.0f} GB/s (read + write); group {GROUP}; x fp16; "
             f"k split {'auto' if args.bps <= 0 else f'{args.bps} blocks/SM'}; "
-            "plan: kernel, k warps, k parts x inputs per part, grid", ""]
+            f"gemv PDL {'off' if args.no_pdl else 'on'}, plan {args.plan or 'auto'}; "
+            f"baseline {args.baseline or 'none'}; "
+            "plan: kernel, warps per block, k warps, ring stages, k parts x inputs per part, grid", ""]
     print("\n".join(head), flush=True)
     lines = head + ([] if args.skip_matrices else matrix_table(args, bw) + [""])
     lines += [] if args.skip_layers else layer_table(args)

@@ -313,6 +313,28 @@ def test_gemv_long_k(scheme, blocks_per_sm):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gemv_forced_plans(scheme):
+    """Plans the planner picks only on other shapes: warps per block that are not powers of two (a partial
+    last block), every ring depth (the ring wraps: 9 chunks per warp at kw 1), k parts per block, with and
+    without programmatic dependent launch; each against the reference."""
+    layout, buf = expert(scheme, 128, seed=8, d=4224, i=36)  # gate_up [72, 4224]: 9 row tiles, 33 spans
+    gpu = torch.from_numpy(buf).cuda()
+    ext = cuda.native()
+    try:
+        for pdl, kw, nw, stages in ((True, 1, 7, 3), (False, 1, 5, 4), (True, 2, 6, 2), (True, 1, 3, 4),
+                                    (False, 4, 4, 3), (True, 8, 8, 2)):
+            ext.set_gemv_options(pdl, kw, nw, stages)
+            for bits in (2, 3, 4, 5, 8):
+                x = inputs(1 + bits % 2, 4224, seed=bits)
+                got = cuda.nested_matmul(layout, gpu, "gate_up", x.cuda(), bits, kernel=cuda.KERNEL_GEMV)
+                assert rel(got, reference.nested_matmul(layout, buf, "gate_up", x, bits)) < KERNEL_REL, \
+                    (pdl, kw, nw, stages, bits)
+    finally:
+        ext.set_gemv_options(True, 0, 0, 0)
+
+
+@pytest.mark.cuda
 def test_gemv_inputs_with_wide_range():
     """x spanning many binades inside a span (24-bit integers per span) and all-zero spans."""
     layout, buf = expert("msb", 128)
