@@ -174,7 +174,8 @@ def bench_moe(args, bits_list):
                 ptr = np.concatenate([[0], np.cumsum(counts)])
                 slots = (uniq + i * e) % len(slab)
                 return (slots, np.full(len(uniq), bits), ptr, order // k, np.full(t * k, 1.0 / k, np.float32))
-            calls = [call(i) for i in range(max(2, len(slab) // e))]
+            # enough calls that the experts they touch (k each) outgrow the pool: DRAM, not cache
+            calls = [call(i) for i in range(max(2, 4 * len(slab) // k))]
             run = cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)
             run()
             tm = median(run, max(5, args.reps // (4 if t == 1 else 20)))
