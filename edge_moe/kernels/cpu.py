@@ -75,7 +75,6 @@ XDIGIT_MAX = 32639  # |x / d| bound so that both balanced base-256 digits fit in
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
 ROWS_PER_ITEM = 64  # output rows per parallel work item
 PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
-X_STEP = 512  # digit bytes of one 512-input block
 DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
 NOGF = False
 
@@ -234,10 +233,10 @@ def _row_msb512(NW, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
     acc = _fzero()
     full = rb // 64
     for k in range(full):
-        acc = _block512(NW, bits, a + 64 * k, 64, acc, X_STEP * k + xb, cg + 16 * k, npad,
+        acc = _block512(NW, bits, a + 64 * k, 64, acc, xb + 512 * k, cg + 16 * k, npad,
                         p0, p1, p2, p3, p4, p5, p6, p7)
     if rb > 64 * full:
-        acc = _block512(NW, bits, a + 64 * full, rb - 64 * full, acc, X_STEP * full + xb, cg + 16 * full,
+        acc = _block512(NW, bits, a + 64 * full, rb - 64 * full, acc, xb + 512 * full, cg + 16 * full,
                         npad, p0, p1, p2, p3, p4, p5, p6, p7)
     return acc
 

@@ -175,11 +175,6 @@ def _fmul(typingctx, a, b):
 
 
 @intrinsic
-def _fadd(typingctx, a, b):
-    return _f32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
-
-
-@intrinsic
 def _fsub(typingctx, a, b):
     return _f32x16(a, b), lambda context, builder, sig, args: builder.fsub(args[0], args[1])
 
