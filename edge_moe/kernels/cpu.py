@@ -2,7 +2,15 @@
 
 How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(x_g), DESIGN.md 1):
 - Activations become two signed 8-bit digits per input, x ~ d_g * (256 h + l) with one scale d_g per
-  group (int16 precision: error <= max|x_g| / 65278 per input); the offsets use exact float sums.
+  group (int16 precision: error <= max|x_g| / 65024 per input); the offsets use exact float sums.
+- Against weights of at most ACT8_MAX_BITS (4) bits the dots take the high digit only: x ~ 256 d_g h
+  is x quantized to int8 per group (llama.cpp's Q8 activations, block 128; error <= max|x_g| / 254),
+  and the offsets take the sums of those values, so the kernels compute W_b . q8(x) exactly. Half the
+  dot products: GEMVs 8-15% faster at 2-4 bits. Held-out perplexity of the demo model
+  (tools/eval_quality.py, int8 vs int16 activations): +0.02% / +0.09% / +0.14% at 4 / 3 / 2 bits
+  (msb; mwq +0.07 / +0.10 / +0.12%), against +1.7% / +9.2% / +59% from the weights themselves. 5 bits
+  and up keep int16 (their own loss, +0.6% at 5 bits, is too close) and the 8-bit forward stays
+  within 1e-4 of transformers on the same weights.
 - Byte codes: msb q = sum_p 2^(7-p) bit_p, so w = s q + offset; mwq q = 128 b0 + 64 b1 for the base
   and q = 128 bit_p for each sign plane, each with its own coefficient. Then q.h and q.l with
   vpdpbusd (VNNI) and one int32 -> float flush per group. The dequantized matrix is never formed.
@@ -23,7 +31,8 @@ weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py)
 - shuffle network: 9.6 / 11.8 / 17.1. Port 0 (vpdpbusd, vgf2p8affineqb, the flush) is the limit:
   4 dots of the two digits per group cost the same at every width, so 2 bits is not much cheaper.
 - mask adds: 12.9 / 12.4 / 19.3 (kmovq and vpaddb are 2 port-0/5 uops per plane per 64 weights).
-- one int8 digit (llama.cpp-style Q8 activations): ~3 cycles less per group, but ~1% error.
+- one int8 digit (int8 activations, used at <= 4 bits): 2 bits 9.2 -> 8.0 (4096x14336, weights in
+  the LLC).
 - three digits (24-bit activations, fp32-exact): ~2-3 cycles more per group.
 - float masked FMA per plane (kmovw + vfmadd231ps{k}, exact fp32): >= 32 cycles per group at 4 bits.
   Plain numba unpack-then-FMA loops (the issue's probe): 8-22% of bandwidth.
@@ -38,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import literally, njit, prange
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout
@@ -59,6 +68,7 @@ from edge_moe.kernels.simd import (
     _fsum,
     _fzero,
     _h2f,
+    _i2f,
     _izero,
     _join_digits,
     _ldf,
@@ -71,12 +81,15 @@ from edge_moe.kernels.simd import (
     _qzero,
 )
 
-XDIGIT_MAX = 32639  # |x / d| bound so that both balanced base-256 digits fit in int8
+XDIGIT_MAX = 127 * 256  # |x / d| bound: both balanced base-256 digits fit in int8, and the high
+# digit alone is x quantized to int8 with scale max|x_g| / 127
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
 ROWS_PER_ITEM = 64  # output rows per parallel work item
 PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
 DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
 NOGF = False
+ACT8_MAX_BITS = 4  # at <= this many bits the dots use only the high digit: int8 activations (Q8)
+HIGH_UNIT, ONE_UNIT = np.float32(256.0), np.float32(1.0)  # weights of the high and low digits
 
 _POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, axis=1)  # [8, 64]
 
@@ -86,26 +99,44 @@ _POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, 
 
 @njit(cache=True)
 def _digit_row(x, G, ng, dig, scale, sums):
-    """One row x [N] -> digits [2, ng*G] int8 (high, low), scale d [ng], sum(x_g) [ng]."""
+    """One row x [N] -> digits [2, ng*G] int8 (high, low), scale d [ng], sums [2, ng]: of x_g and
+    of its int8 form 256 d h_g (which the high-digit-only dots use, so that they compute W . q8(x))."""
     N = x.shape[0]
-    for g in range(ng):
+    top_bits = scale.view(np.int32)
+    for g in range(ng):  # per-group slices: numba vectorizes these loops, not ones over lo..hi of x
         lo, hi = g * G, min(N, g * G + G)
-        amax = np.float32(0.0)
-        s = np.float32(0.0)
-        for i in range(lo, hi):
-            amax = max(amax, abs(x[i]))
-            s += x[i]
-        sums[g] = s
-        if amax == 0:
-            continue
-        d = amax / np.float32(XDIGIT_MAX)
-        scale[g] = d
-        inv = np.float32(1.0) / d
-        for i in range(lo, hi):
-            xi = np.int32(np.rint(x[i] * inv))
-            low = ((xi + 128) & 255) - 128
-            dig[0, i] = (xi - low) >> 8
-            dig[1, i] = low
+        top_bits[g], sums[0, g] = _top_and_sum(x[lo:hi])  # scale[g] = max|x_g|
+        if scale[g] != 0:
+            scale[g] /= np.float32(XDIGIT_MAX)
+            high = _group_digits(x[lo:hi], np.float32(1.0) / scale[g], dig[0, lo:hi], dig[1, lo:hi])
+            sums[1, g] = HIGH_UNIT * scale[g] * np.float32(high)
+
+
+@njit(fastmath={"reassoc"})
+def _top_and_sum(x):
+    """(the bits of max|x| as int32, sum(x)): the max is taken on the float bits as integers with the
+    sign cleared, as numba's float max does not vectorize."""
+    bits = x.view(np.int32)
+    top = np.int32(0)
+    s = np.float32(0.0)
+    for i in range(x.shape[0]):
+        top = max(top, bits[i] & 0x7FFFFFFF)
+        s += x[i]
+    return top, s
+
+
+@njit(inline='always')
+def _group_digits(x, inv, high, low):
+    """Balanced base-256 digits of rint(x * inv): x * inv ~ 256 high + low, both int8; sum(high)."""
+    total = 0
+    for i in range(x.shape[0]):
+        xi = np.int32(np.rint(x[i] * inv))
+        li = ((xi + 128) & 255) - 128
+        hi = (xi - li) >> 8
+        high[i] = hi
+        low[i] = li
+        total += hi
+    return total
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -125,11 +156,11 @@ def _digits_of(x, md):
 
 @njit(cache=True)
 def _digit_arrays(R, md):
-    """Zeroed digits [R, 2, ng*G], scales [R, ngp], sums [R, ngp] for inputs of matrix md; the digits
+    """Zeroed digits [R, 2, ng*G], scales [R, ngp], sums [R, 2, ngp] for inputs of matrix md; the digits
     are followed by DIGIT_PAD readable bytes (a last 512-input block reads up to 3 groups past)."""
     size = R * 2 * md[3] * md[2]
     dig = np.zeros(size + DIGIT_PAD, np.int8)[:size].reshape((R, 2, md[3] * md[2]))
-    return dig, np.zeros((R, md[4]), np.float32), np.zeros((R, md[4]), np.float32)
+    return dig, np.zeros((R, md[4]), np.float32), np.zeros((R, 2, md[4]), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,13 +189,14 @@ def _qbuild(a, bits, p0, p1, p2, p3, p4, p5, p6, p7, w0, w1, w2, w3, w4, w5, w6,
 
 
 @njit(inline='always')
-def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum):
+def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum, unit):
     """Row o's coefficient of each code per group (C [k, ngp]) and offsets (OFF [ngp]), from fp16.
 
     msb: one code q = sum_p 2^(7-p) bit_p with coefficient s, offset min + s (2^(8-b) - 1) / 2.
     mwq: code 0 = 128 b0 + 64 b1 with s / 64; code k >= 1 = 128 bit_(k+1) with alpha / 64;
     offset min - sum alpha (nested.group_coefficients). With one token (Dsc != 0) the coefficients
-    take its digit scales d_g and the offsets . sums(x_g) are returned; else 0."""
+    take its digit scales d_g (times unit, the digit's weight) and the offsets . sums(x_g) are
+    returned; else 0."""
     kb = np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
     voff = _fzero()
     for g0 in range(0, ng, 16):
@@ -172,7 +204,7 @@ def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum):
         m = 2 * (o * ng + g0) + moff
         vs = _h2f(_ldi(CA) + m, n)
         vm = _h2f(_ldi(CA + 8) + m, n)
-        vd = _fload(Dsc + 4 * g0) if Dsc else _fone()
+        vd = _fmul(_fload(Dsc + 4 * g0), _fsplat(unit)) if Dsc else _fone()
         if mwq:
             vd64 = _fmul(vd, _fsplat(np.float32(1 / 64)))
             _fstore(_fmul(vs, vd64), C + 4 * g0)
@@ -191,17 +223,27 @@ def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum):
 
 
 @njit(inline='always')
-def _dot2(h, lo, q, x, npad):
-    """Accumulate q . (high, low digits) of 64 inputs at address x."""
+def _dot2(one, h, lo, q, x, npad):
+    """Accumulate q . (high, low digits) of 64 inputs at address x; only the high digit if one."""
+    if one:
+        return _dpbusd(h, q, x), lo
     return _dpbusd(h, q, x), _dpbusd(lo, q, x + npad)
 
 
 @njit(inline='always')
-def _group128(acc, q0, q1, xb, npad, cg):
+def _flush(one, h, lo):
+    """The group's dot as floats, in units of the high digit (one) or of the low digit."""
+    if one:
+        return _i2f(h)
+    return _join_digits(h, lo)
+
+
+@njit(inline='always')
+def _group128(one, acc, q0, q1, xb, npad, cg):
     """acc + C[g] * (codes q0 q1) . (digits of 128 inputs at xb)."""
-    h, lo = _dot2(_izero(), _izero(), q0, xb, npad)
-    h, lo = _dot2(h, lo, q1, xb + 64, npad)
-    return _fma_s(acc, _join_digits(h, lo), _ldf(cg))
+    h, lo = _dot2(one, _izero(), _izero(), q0, xb, npad)
+    h, lo = _dot2(one, h, lo, q1, xb + 64, npad)
+    return _fma_s(acc, _flush(one, h, lo), _ldf(cg))
 
 
 @njit(inline='always')
@@ -214,41 +256,44 @@ def _plane_block(p, n):
 
 
 @njit(inline='always')
-def _block512(NW, bits, a, n, acc, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
+def _block512(NW, one, bits, a, n, acc, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
     """acc + the 4 groups of 512 weights whose plane bytes start at a (n of them)."""
     q = _codes512(NW, bits, _plane_block(p0 + a, n), _plane_block(p1 + a, n), _plane_block(p2 + a, n),
                   _plane_block(p3 + a, n), _plane_block(p4 + a, n), _plane_block(p5 + a, n),
                   _plane_block(p6 + a, n), _plane_block(p7 + a, n))
-    acc = _group128(acc, q[0], q[1], xb, npad, cg)
-    acc = _group128(acc, q[2], q[3], xb + 128, npad, cg + 4)
-    acc = _group128(acc, q[4], q[5], xb + 256, npad, cg + 8)
-    return _group128(acc, q[6], q[7], xb + 384, npad, cg + 12)
+    acc = _group128(one, acc, q[0], q[1], xb, npad, cg)
+    acc = _group128(one, acc, q[2], q[3], xb + 128, npad, cg + 4)
+    acc = _group128(one, acc, q[4], q[5], xb + 256, npad, cg + 8)
+    return _group128(one, acc, q[6], q[7], xb + 384, npad, cg + 12)
 
 
 @njit(inline='always')
-def _row_msb512(NW, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
+def _row_msb512(NW, one, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
     """sum_g C[g] * q_g . x_g over one msb row of group-128 codes (rb plane bytes), codes built 512
     at a time; a last block of 1-3 groups reads zeros past the row (and x digits and C[g] past it:
     padding that is there, C[g] = 0)."""
     acc = _fzero()
     full = rb // 64
     for k in range(full):
-        acc = _block512(NW, bits, a + 64 * k, 64, acc, xb + 512 * k, cg + 16 * k, npad,
+        acc = _block512(NW, one, bits, a + 64 * k, 64, acc, xb + 512 * k, cg + 16 * k, npad,
                         p0, p1, p2, p3, p4, p5, p6, p7)
     if rb > 64 * full:
-        acc = _block512(NW, bits, a + 64 * full, rb - 64 * full, acc, xb + 512 * full, cg + 16 * full,
+        acc = _block512(NW, one, bits, a + 64 * full, rb - 64 * full, acc, xb + 512 * full, cg + 16 * full,
                         npad, p0, p1, p2, p3, p4, p5, p6, p7)
     return acc
 
 
 @njit(cache=True)
-def _gemv_msb128(NW, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
-    """_gemv for msb at group 128 with bits <= NW (a literal: 2, 4 or 8, the shuffle network's width).
+def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
+    """_gemv for msb at group 128 with bits <= NW (a literal: 2, 4 or 8, the shuffle network's width),
+    one (a literal) = bits <= ACT8_MAX_BITS.
     Plane rows are also prefetched PREFETCH_BYTES ahead: alone, the hardware prefetcher lagged at
     low bits (a 2-bit GEMV took as long as a 4-bit one)."""
     CA, C = _addr(ca), _addr(coef)
     ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
     npad, dist = ng * 128, -(-PREFETCH_BYTES // rb)
+    literally(one)
+    unit, S = (HIGH_UNIT, Dsum + 4 * ngp) if one else (ONE_UNIT, Dsum)
     p0 = _ldi(CA) + poff  # planes at or above bits alias plane 0: read, then masked out
     p1 = _ldi(CA + 8) + poff
     p2 = _ldi(CA + 16) + poff if bits > 2 else p0
@@ -258,13 +303,14 @@ def _gemv_msb128(NW, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
     p6 = _ldi(CA + 48) + poff if bits > 6 else p0
     p7 = _ldi(CA + 56) + poff if bits > 7 else p0
     for o in range(o0, o1):
-        yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, Dsum)
+        yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, S, unit)
         if o + dist < md[0]:
             pa = (o + dist) * rb
             for k in range(pa, pa + rb, 64):
                 for p in range(bits):
                     _prefetch(_ldi(CA + 8 * p) + poff + k)
-        y[o - o0] = yo + _fsum(_row_msb512(NW, bits, o * rb, rb, X, C, npad, p0, p1, p2, p3, p4, p5, p6, p7))
+        acc = _row_msb512(NW, one, bits, o * rb, rb, X, C, npad, p0, p1, p2, p3, p4, p5, p6, p7)
+        y[o - o0] = yo + _fsum(acc)
 
 
 @njit(cache=True)
@@ -278,23 +324,25 @@ def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
     w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
     b = 2 if mwq else bits
+    one = bits <= ACT8_MAX_BITS
+    unit, S = (HIGH_UNIT, Dsum + 4 * ngp) if one else (ONE_UNIT, Dsum)
     for o in range(o0, o1):
-        yo = _coefs(CA, moff, ng, ngp, bits, mwq, o, C, 0, Dsc, Dsum)
+        yo = _coefs(CA, moff, ng, ngp, bits, mwq, o, C, 0, Dsc, S, unit)
         acc = _fzero()
         for g in range(ng):
             a, xb = o * rbytes + g * gb, X + g * G
             h, lo = _izero(), _izero()
             for c in range(nch):
-                h, lo = _dot2(h, lo, _qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
-                                             w0, w1, w2, w3, w4, w5, w6, w7), xb + 64 * c, npad)
-            acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * g))
+                h, lo = _dot2(one, h, lo, _qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
+                                                  w0, w1, w2, w3, w4, w5, w6, w7), xb + 64 * c, npad)
+            acc = _fma_s(acc, _flush(one, h, lo), _ldf(C + 4 * g))
             if mwq:
                 for p in range(BASE_BITS, bits):
                     pa = _ldi(CA + 8 * p) + poff + a
                     h, lo = _izero(), _izero()
                     for c in range(nch):
-                        h, lo = _dot2(h, lo, _qmask_add(_qzero(), pa + 8 * c, w0), xb + 64 * c, npad)
-                    acc = _fma_s(acc, _join_digits(h, lo), _ldf(C + 4 * ((p - 1) * ngp + g)))
+                        h, lo = _dot2(one, h, lo, _qmask_add(_qzero(), pa + 8 * c, w0), xb + 64 * c, npad)
+                    acc = _fma_s(acc, _flush(one, h, lo), _ldf(C + 4 * ((p - 1) * ngp + g)))
         y[o - o0] = yo + _fsum(acc)
 
 
@@ -303,12 +351,12 @@ def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     """y[o - o0] = W_b[o] . x for one token: X digits, Dsc scales, Dsum sums (addresses)."""
     if GFNI:  # a constant: numba prunes the other branch, so no target compiles what it lacks
         if md[2] == 128 and not mwq:  # the default format: the shuffle-network kernel
-            if bits == 2:
-                _gemv_msb128(2, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+            if bits == 2:  # (width class, int8 activations: bits <= ACT8_MAX_BITS) as literals
+                _gemv_msb128(2, True, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
             elif bits <= 4:
-                _gemv_msb128(4, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+                _gemv_msb128(4, True, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
             else:
-                _gemv_msb128(8, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
+                _gemv_msb128(8, False, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y)
             return
     _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y)
 
@@ -324,15 +372,17 @@ def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off,
     w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
     w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
     ncode = bits - 1 if mwq else 1
+    one = bits <= ACT8_MAX_BITS
+    unit = HIGH_UNIT if one else ONE_UNIT
     Q, A = _addr(qbuf), _addr(accs)
     X, Dsc, Dsum = _addr(dig), _addr(dsc), _addr(dsum)
     for o in range(o0, o1):
-        _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, 0, 0)
+        _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, 0, 0, ONE_UNIT)
         for i in range(n):
             r = drows[d0 + i]
             voff = _fzero()
             for g0 in range(0, ng, 16):
-                voff = _fma_v(voff, _fload(OFF + 4 * g0), _fload(Dsum + 4 * (r * ngp + g0)))
+                voff = _fma_v(voff, _fload(OFF + 4 * g0), _fload(Dsum + 4 * ((2 * r + one) * ngp + g0)))
             _fstore(voff, A + 64 * i)
         for g in range(ng):
             a = o * rbytes + g * gb
@@ -358,15 +408,15 @@ def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off,
                     h2, l2, h3, l3 = _izero(), _izero(), _izero(), _izero()
                     for c in range(nch):
                         q = _qload(Q + 64 * (k * nch + c))
-                        h0, l0 = _dot2(h0, l0, q, x0 + 64 * c, npad)
-                        h1, l1 = _dot2(h1, l1, q, x1 + 64 * c, npad)
-                        h2, l2 = _dot2(h2, l2, q, x2 + 64 * c, npad)
-                        h3, l3 = _dot2(h3, l3, q, x3 + 64 * c, npad)
-                    ck = _ldf(C + 4 * (k * ngp + g))
-                    f0 = _fma_s(f0, _join_digits(h0, l0), ck * e0)
-                    f1 = _fma_s(f1, _join_digits(h1, l1), ck * e1)
-                    f2 = _fma_s(f2, _join_digits(h2, l2), ck * e2)
-                    f3 = _fma_s(f3, _join_digits(h3, l3), ck * e3)
+                        h0, l0 = _dot2(one, h0, l0, q, x0 + 64 * c, npad)
+                        h1, l1 = _dot2(one, h1, l1, q, x1 + 64 * c, npad)
+                        h2, l2 = _dot2(one, h2, l2, q, x2 + 64 * c, npad)
+                        h3, l3 = _dot2(one, h3, l3, q, x3 + 64 * c, npad)
+                    ck = _ldf(C + 4 * (k * ngp + g)) * unit
+                    f0 = _fma_s(f0, _flush(one, h0, l0), ck * e0)
+                    f1 = _fma_s(f1, _flush(one, h1, l1), ck * e1)
+                    f2 = _fma_s(f2, _flush(one, h2, l2), ck * e2)
+                    f3 = _fma_s(f3, _flush(one, h3, l3), ck * e3)
                 _fstore(f0, A + 64 * i0)
                 _fstore(f1, A + 64 * i1)
                 _fstore(f2, A + 64 * i2)
@@ -385,7 +435,7 @@ def _rows(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, out, orows
     if n == 1:
         r = drows[d0]
         X = _addr(dig) + 2 * md[3] * md[2] * r
-        _gemv(ca, md, bits, mwq, X, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 4 * ngp * r,
+        _gemv(ca, md, bits, mwq, X, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
               o0, o1, W, coef, y[0])
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)

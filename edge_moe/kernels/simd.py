@@ -153,6 +153,12 @@ def _join_digits(typingctx, h, lo):
 
 
 @intrinsic
+def _i2f(typingctx, h):
+    """float(h) lane-wise: the dot with the int8 (high digit) activations."""
+    return _f32x16(h), lambda context, builder, sig, args: builder.sitofp(args[0], _VF)
+
+
+@intrinsic
 def _fma_s(typingctx, acc, v, c):
     """acc + v * c (c a scalar)."""
     def codegen(context, builder, sig, args):

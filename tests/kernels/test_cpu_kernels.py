@@ -27,6 +27,46 @@ def expert(request):
     return layout, np.frombuffer(pack_expert(layout, q), dtype=np.uint8).copy()
 
 
+def q8(x: np.ndarray, group: int) -> np.ndarray:
+    """The cpu backend's int8 activations, written out independently: per group of inputs,
+    d = max|x_g| / (127 * 256) and x ~ 256 d h, h = rint(x / d) rounded to a multiple of 256."""
+    x = np.asarray(x, np.float32)
+    out = np.zeros_like(x)
+    for lo in range(0, x.shape[-1], group):
+        xs = x[..., lo:lo + group]
+        d = np.abs(xs).max(-1, keepdims=True) / np.float32(127 * 256)
+        safe = np.where(d > 0, d, np.float32(1))
+        xi = np.rint(xs * (np.float32(1) / safe)).astype(np.int32)
+        high = (xi - (((xi + 128) & 255) - 128)) >> 8
+        out[..., lo:lo + group] = np.float32(256) * d * high
+    return out
+
+
+@pytest.fixture(autouse=True)
+def q8_oracle(monkeypatch):
+    """The reference ops at the cpu backend's activation precision: the input of a matrix at
+    <= ACT8_MAX_BITS bits goes through q8 (the kernels compute W_b . q8(x) there, exactly)."""
+    exact = reference.nested_matmul
+
+    def nested_matmul(layout, buf, matrix, x, bits):
+        if bits <= cpu.ACT8_MAX_BITS:
+            x = torch.from_numpy(q8(x.float().numpy(), layout.group))
+        return exact(layout, buf, matrix, x, bits)
+    monkeypatch.setattr(reference, "nested_matmul", nested_matmul)
+
+
+def test_q8_is_int8_per_group():
+    """The oracle's q8: at most 255 levels per group, within max|x_g| / 254 of x, exact on its grid."""
+    x = np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32) * 4
+    y = q8(x, 128)
+    for lo in range(0, 300, 128):
+        xs, ys = x[:, lo:lo + 128], y[:, lo:lo + 128]
+        amax = np.abs(xs).max(-1, keepdims=True)
+        assert (np.abs(ys - xs) <= amax / 254 * (1 + 1e-5)).all()
+        assert max(len(np.unique(r)) for r in ys) <= 255
+        np.testing.assert_array_equal(q8(ys, 128)[:, :ys.shape[1]], ys)
+
+
 def close(y, ref) -> None:
     """Largest error relative to the largest reference value (outputs near 0 are not singled out)."""
     y, ref = np.asarray(y), np.asarray(ref)

@@ -6,9 +6,10 @@ import torch
 
 import edge_moe
 from edge_moe.convert import convert
+from edge_moe.kernels import cpu
 from edge_moe.kernels.reference import dequantized
 from tests.model.tiny import FAMILIES, expert_modules, ref_greedy, ref_logits, save_tiny
-from tests.tolerances import FORWARD_SAME_WEIGHTS_REL, LOGITS_8BIT_REL
+from tests.tolerances import FORWARD_INT8_ACT_REL, FORWARD_SAME_WEIGHTS_REL, LOGITS_8BIT_REL
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 5, 64, 31]
 
@@ -59,11 +60,25 @@ def test_forward_matches_transformers_on_same_weights_and_greedy_equal(family):
     assert ours == ref_greedy(ref, PROMPT, 16)
 
 
-def test_forward_matches_transformers_at_3_bits(family):
+def test_forward_matches_transformers_on_int16_activations_below_8_bits(family):
     _, ref, model = family
-    load_dequantized_experts(ref, model, bits=3)
-    err = rel_err(model.logits(PROMPT, bits=3), ref_logits(ref, PROMPT))
+    bits = cpu.ACT8_MAX_BITS + 1  # the lowest width whose kernels keep int16 activations
+    load_dequantized_experts(ref, model, bits=bits)
+    err = rel_err(model.logits(PROMPT, bits=bits), ref_logits(ref, PROMPT))
     assert err < FORWARD_SAME_WEIGHTS_REL, err
+
+
+@pytest.mark.parametrize("bits", [3, cpu.ACT8_MAX_BITS])
+def test_forward_on_int8_activations_exact_on_reference_ops_and_close_on_cpu(family, bits):
+    """At <= ACT8_MAX_BITS the cpu kernels quantize expert inputs to int8 (their exact semantics are
+    tested in tests/kernels): the forward on the reference ops matches transformers, the cpu one stays
+    within the int8 tolerance."""
+    _, ref, model = family
+    load_dequantized_experts(ref, model, bits=bits)
+    want = ref_logits(ref, PROMPT)
+    with edge_moe.load(model.path, dense_dtype=torch.float32, dense_bits=16, backend="reference") as exact:
+        assert rel_err(exact.logits(PROMPT, bits=bits), want) < FORWARD_SAME_WEIGHTS_REL
+    assert rel_err(model.logits(PROMPT, bits=bits), want) < FORWARD_INT8_ACT_REL
 
 
 def test_kv_cache_decode_matches_full_forward(family):
