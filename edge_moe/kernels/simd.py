@@ -313,11 +313,12 @@ def _codes512(typingctx, width, bits, q0, q1, q2, q3, q4, q5, q6, q7):
         return None
 
     def codegen(context, builder, sig, args):
-        regs = _transpose512(builder, list(args[2:]), sig.args[0].literal_value)
+        width = sig.args[0].literal_value
+        regs = _transpose512(builder, list(args[2:]), width)
         unit = ir.Constant(_VB, [1 << (i % 8) for i in range(64)])
-        keep = builder.trunc(builder.lshr(ir.Constant(_I64, 0xFF00), args[1]), _I8)
-        keep = _splat(builder, keep, _VB)
-        out = [builder.and_(_call(builder, "llvm.x86.vgf2p8affineqb.512", _VB, [unit, r, ir.Constant(_I8, 0)]),
-                            keep) for r in regs]
+        out = [_call(builder, "llvm.x86.vgf2p8affineqb.512", _VB, [unit, r, ir.Constant(_I8, 0)]) for r in regs]
+        if width > 2:  # width 2 holds only bits = 2: the shuffles already zeroed every other plane
+            keep = _splat(builder, builder.trunc(builder.lshr(ir.Constant(_I64, 0xFF00), args[1]), _I8), _VB)
+            out = [builder.and_(q, keep) for q in out]
         return context.make_tuple(builder, sig.return_type, out)
     return _CODES(width, types.intp, q0, q1, q2, q3, q4, q5, q6, q7), codegen
