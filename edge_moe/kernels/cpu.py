@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import literally, njit, prange
+from numba import njit, prange
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout
@@ -292,7 +292,6 @@ def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
     CA, C = _addr(ca), _addr(coef)
     ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
     npad, dist = ng * 128, -(-PREFETCH_BYTES // rb)
-    literally(one)
     unit, S = (HIGH_UNIT, Dsum + 4 * ngp) if one else (ONE_UNIT, Dsum)
     p0 = _ldi(CA) + poff  # planes at or above bits alias plane 0: read, then masked out
     p1 = _ldi(CA + 8) + poff
