@@ -145,9 +145,12 @@ class Reader:
             cache.lock.notify_all()
 
     def _ready(self, row: int, expert: int, must: int, want: int) -> bool:
+        """Holds `want`, or holds `must` and waiting for more is pointless (the reader tried the levels
+        above, or is blocked for room). Never below `must`: a best-effort read that found no room
+        (a stale prefetch) also counts as tried."""
         held = self.cache.held[row, expert]
-        return bool(held >= want or self.failed is not None or self._tried.get((row, expert), 0) >= want
-                    or (held >= must and self.blocked))
+        return bool(self.failed is not None or held >= want
+                    or (held >= must and (self._tried.get((row, expert), 0) >= want or self.blocked)))
 
     def wait_for(self, layer: int, expert: int, must: int, want: int) -> int:
         """Block until the expert holds `want` chunks, or the reader tried, or it holds `must` and the

@@ -5,7 +5,7 @@ import numpy as np
 from edge_moe.format.layout import build_layout
 from edge_moe.runtime.arena import HostArena
 from edge_moe.runtime.expert_cache import ExpertCache
-from edge_moe.runtime.reader import Want, hebf_reads
+from edge_moe.runtime.reader import Reader, Want, hebf_reads
 
 
 def small_cache(n_units=10):
@@ -91,3 +91,20 @@ def test_chunks_below_the_floor_are_evicted_together():
     assert list(cache.held[0, :2]) == [3, 3]
     cache.take_units(3, keep=(1, 0))  # then the coldest expert goes whole, not down to 2 chunks
     assert list(cache.held[0, :2]) == [0, 3]
+
+
+def test_a_prefetch_that_found_no_room_does_not_release_an_expert_below_its_must():
+    """The reader marks a best-effort read it skipped for lack of room as tried; a compute thread
+    polling that expert must still wait for its must levels (it used to get 0 chunks, bench_budget
+    at 1.2 GB)."""
+    cache = small_cache(4)
+    fill(cache, 0, 1, 4, hot=1.0)
+    cache.pins[0, 1] += 1  # every unit pinned: no room for anything
+    reader = Reader(None, cache)  # the skipped read never touches the container
+    try:
+        reader.submit(0, [Want(2, 3, 3, 1.0)], prefetch=True)
+        reader.drain()
+        assert reader.poll(0, [(2, 3, 3)]) == [None]
+        cache.pins[0, 1] -= 1
+    finally:
+        reader.close()
