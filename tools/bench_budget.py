@@ -133,8 +133,10 @@ def quality_table(args) -> None:
         print("|---|---|---|")
         settings = [("fixed 8 bits", {"bits": 8}), ("fixed 4 bits (b, c)", {"bits": 4}),
                     ("fixed 3 bits", {"bits": 3})]
-        for q, lo, hi in [(args.quality, args.min_bits, args.max_bits), (0.5, 3, 5), (0.7, 3, 6)]:
-            settings.append((f"dynamic: quality {q}, bits {lo}..{hi} (a)",
+        asked = (args.quality, args.min_bits, args.max_bits)
+        for q, lo, hi in dict.fromkeys([asked, (0.5, 3, 5), (0.7, 3, 6)]):  # the (a) run's first, once
+            mark = " (a)" if (q, lo, hi) == asked else ""
+            settings.append((f"dynamic: quality {q}, bits {lo}..{hi}{mark}",
                              {"quality": q, "min_bits": lo, "max_bits": hi}))
         for name, knobs in settings:
             ppl, bits = perplexity(m, ids, 256, **knobs)
