@@ -25,7 +25,7 @@ from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
-from edge_moe.runtime.moe import STREAMING, MoePipeline
+from edge_moe.runtime.moe import STREAMING, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader
 from edge_moe.runtime.sampling import sample
 from edge_moe.runtime.stats import RunStats
@@ -88,10 +88,11 @@ class Model:
 
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str | None = None,
                  dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
-                 drop_page_cache: bool = False, verify: bool = True, streaming: str = "hebf",
+                 drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
                  threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None):
         """dense_bits: 4..8 packs the projections and LM head as nested bit-planes (cpu; default 8),
-        16 keeps them in `dense_dtype` (the default on cuda)."""
+        16 keeps them in `dense_dtype` (the default on cuda). streaming: a name of runtime.moe.STREAMING;
+        default HEBF, with next-layer prefetch where there are cores to spare (default_streaming)."""
         self.device = _check_device(device)
         backend = backend or default_backend(self.device)
         kernels = get_backend(backend)  # import (and load numba) before measuring the baseline
@@ -120,6 +121,7 @@ class Model:
         if self.device.type == "cuda":
             dense = {k: v.to(self.device) for k, v in dense.items()}
             units = self._gpu_units(gpu_memory_budget, dense)
+        streaming = streaming or default_streaming()
         if streaming not in STREAMING:
             raise UsageError(f"streaming={streaming!r} is unknown; choose one of {', '.join(STREAMING)}")
         eviction, prefetch, keep = STREAMING[streaming]

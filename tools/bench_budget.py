@@ -2,6 +2,7 @@
 
     python tools/bench_budget.py MODEL.emoe --budgets 2GB 3GB 16GB [--tokens 32] [--repeats 3] [--resident]
     python tools/bench_budget.py MODEL.emoe --quality-model HF_DEMO_DIR     # adds the quality table
+    python tools/bench_budget.py MODEL.emoe --budgets 1.5GB --policies a b --min-bits 4 --max-bits 5
 
 Every (budget, policy) runs in a fresh child process: tokens/s, stall fraction, bytes read per
 token, and peak RSS twice (the child's own sampling thread, and the kernel's maximum RSS of the
@@ -64,6 +65,11 @@ def run_child(spec: dict) -> dict:
     return stats
 
 
+def _label(policy: str) -> str:
+    """The short name of a policy row: "(a') ..." -> "a'"."""
+    return policy.split()[0].strip("()")
+
+
 def _fmt_gb(n) -> str:
     return "-" if n is None else f"{n / 1e9:.2f} GB"
 
@@ -91,7 +97,8 @@ def speed_table(args) -> None:
     print("| budget | policy | tokens/s | min-max | stall | read/token | mean bits | hits "
           "| peak RSS (sampled / kernel) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    policies = [(name, streaming, knobs, False) for name, (streaming, knobs) in POLICIES.items()]
+    policies = [(name, streaming, knobs, False) for name, (streaming, knobs) in POLICIES.items()
+                if _label(name) in args.policies]
     for i, budget in enumerate(args.budgets):
         last = i == len(args.budgets) - 1
         resident = [(RESIDENT, "hebf", {"bits": 4}, True)] if last and args.resident else []
@@ -159,6 +166,8 @@ def main() -> None:
     ap.add_argument("--quality-model", default=None, help="HF dir of the demo model (with heldout.txt)")
     ap.add_argument("--quality-tokens", type=int, default=8192)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--policies", nargs="+", default=[_label(n) for n in POLICIES],
+                    choices=[_label(n) for n in POLICIES], help="rows to run: a a' b c")
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs per row (median)")
     ap.add_argument("--resident", action="store_true",
                     help="add a row with every expert preloaded under the last budget (must hold them all)")

@@ -104,7 +104,7 @@ def test_bad_knobs_are_refused(wide_model):
 
 
 def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
-    with edge_moe.load(wide_model) as m:
+    with edge_moe.load(wide_model, streaming="hebf") as m:
         x = torch.nn.functional.normalize(torch.randn(1, m.config.hidden_size), dim=-1) * 16
         weights, experts = route(x, m.pipeline.routers[0], m.config)
         m.pipeline(0, x, weights, experts)
