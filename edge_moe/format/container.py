@@ -21,6 +21,11 @@ import numpy as np
 
 from edge_moe.errors import FormatError
 
+try:  # ISA-L's CRC32: the same checksum as zlib's at ~25 GB/s instead of ~2 (expert reads verify it)
+    from isal.isal_zlib import crc32
+except ImportError:  # platforms without an isal wheel
+    from zlib import crc32
+
 MAGIC = b"EDGEMOE\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")
@@ -34,7 +39,7 @@ def _align(n: int, a: int) -> int:
 
 
 def crc_hex(data) -> str:
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return f"{crc32(data) & 0xFFFFFFFF:08x}"
 
 
 def plan(base: dict, dense: dict[str, dict], files: dict[str, int], expert_layers: list[int],
