@@ -129,6 +129,9 @@ class Model:
                  else HostArena(units, self.layout.unit_bytes))
         self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
+        every_level = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
+        if prefetch and memory_budget is not None and len(arena) >= every_level:
+            self.reader.fill()  # speculative reads are on and the budget holds every level: read them all
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
         self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers,
                                     prefetch=prefetch, keep=keep)

@@ -227,7 +227,7 @@ class Container:
         for level in range(first, last + 1):
             crc, need = 0, self._level_ends[level - 1] - self._level_start(level)
             while need > 0:  # level 1 spans two chunks; every other level is one
-                crc, need, i = zlib.crc32(views[i], crc), need - views[i].nbytes, i + 1
+                crc, need, i = crc32(views[i], crc), need - views[i].nbytes, i + 1
             if f"{crc & 0xFFFFFFFF:08x}" != crcs[level - 1]:
                 raise FormatError(f"{self.path}: checksum mismatch in expert {expert} of layer {layer}, "
                                   f"level {level}; the file is corrupt, convert the checkpoint again")

@@ -29,7 +29,8 @@ PREFETCH_MIN_CORES = 4  # below this, the default streaming does not prefetch (d
 
 
 STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
-    "hebf": ("value", True, True),  # ours: bit-granular eviction, HEBF reads, next-layer prefetch
+    "hebf": ("value", True, True),  # ours: bit-granular eviction, HEBF reads, speculative reads (next-layer
+    # prefetch; and the whole model in the background when the budget holds it all)
     "hebf-no-prefetch": ("value", False, True),  # ours without prefetch (its reads compete for the cores)
     "lru": ("lru", False, True),  # baseline: whole-expert LRU, no prefetch (mixtral-offloading, EdgeMoE)
     "on-demand": ("value", False, False),  # baseline: read each expert when routed, keep nothing
@@ -37,9 +38,10 @@ STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
 
 
 def default_streaming(cores: int | None = None) -> str:
-    """HEBF with next-layer prefetch, or without it on fewer than PREFETCH_MIN_CORES cores: there the
-    reader and the extra routing take cycles from the kernels' threads, and tools/bench_budget.py
-    measured "hebf-no-prefetch" 12-33% faster at 1.2-2 GB on 2 cores (not measured on more cores)."""
+    """HEBF with speculative reads, or without them on fewer than PREFETCH_MIN_CORES cores: there the
+    reader and the extra routing take cycles from the kernels' threads. tools/bench_budget.py on 2
+    cores: "hebf-no-prefetch" 12-33% faster at 1.2-2 GB; at 12 GB the background fill halved decode
+    speed for the ~50 s it took (not measured on more cores)."""
     return "hebf" if (cores or os.cpu_count() or 1) >= PREFETCH_MIN_CORES else "hebf-no-prefetch"
 
 

@@ -11,6 +11,7 @@ import torch
 
 import edge_moe
 from edge_moe.errors import BudgetError, UsageError
+from edge_moe.format.nested import MAX_BITS
 from edge_moe.model.layers import KVCache, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
 
@@ -114,6 +115,23 @@ def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
         assert all(m.cache.held[row, e] >= 2 for e in predicted)
         assert int((m.cache.held[row] > 0).sum()) == len(predicted)  # nothing else of layer 1 was read
         assert np.all(m.cache.held[m.cache.row[2]] == 0)  # no prefetch beyond the next layer
+
+
+def test_a_budget_that_holds_every_level_loads_them_all_in_the_background(wide_model):
+    with edge_moe.load(wide_model, memory_budget=tight_budget(wide_model, 40 * 10**6), streaming="hebf") as m:
+        m.reader.drain()  # no forward ran: only the background fill read
+        assert (m.cache.held == MAX_BITS).all()
+        assert m.reader.bytes_read == m.layout.bytes_for_bits(MAX_BITS) * m.cache.held.size
+        prompt = list(range(5, 25))
+        list(m.generate_ids(prompt, max_tokens=4, bits=8))
+        assert m.stats["bytes_read"] == 0 and m.stats["hit_rate"] == 1.0
+    with edge_moe.load(wide_model, memory_budget=tight_budget(wide_model, 10 * 10**6), streaming="hebf") as m:
+        m.reader.drain()
+        assert m.cache.held.sum() == 0  # a budget that cannot hold it all reads only on demand
+    with edge_moe.load(wide_model, memory_budget=tight_budget(wide_model, 40 * 10**6),
+                       streaming="hebf-no-prefetch") as m:
+        m.reader.drain()
+        assert m.cache.held.sum() == 0  # no speculative reads
 
 
 @pytest.mark.parametrize("streaming", ["lru", "on-demand", "hebf-no-prefetch"])
