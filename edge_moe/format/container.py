@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +69,7 @@ def plan(base: dict, dense: dict[str, dict], files: dict[str, int], expert_layer
 def _header_bytes(manifest: dict) -> tuple[bytes, int]:
     text = json.dumps(manifest, separators=(",", ":")).encode()
     data_offset = _align(HEADER.size + len(text), DATA_ALIGN)
-    head = HEADER.pack(MAGIC, VERSION, zlib.crc32(text) & 0xFFFFFFFF, len(text), data_offset)
+    head = HEADER.pack(MAGIC, VERSION, crc32(text) & 0xFFFFFFFF, len(text), data_offset)
     return head + text, data_offset
 
 
@@ -155,7 +154,7 @@ class Container:
             raise FormatError(f"{self.path} has format version {version}; this edge-moe reads "
                               f"version {VERSION}: convert the checkpoint again")
         text = os.pread(self._fd, length, HEADER.size)
-        if len(text) < length or zlib.crc32(text) & 0xFFFFFFFF != crc:
+        if len(text) < length or crc32(text) & 0xFFFFFFFF != crc:
             raise FormatError(f"{self.path}: manifest is corrupt (checksum mismatch)")
         return json.loads(text), data_offset
 

@@ -239,6 +239,15 @@ def _flush(one, h, lo):
 
 
 @njit(inline='always')
+def _act_form(one, Dsum, ngp):
+    """(digit unit, address of the sums the offsets take) for int8 (one) or int16 activations of a row
+    whose sums [2, ngp] start at Dsum (_digit_row)."""
+    if one:
+        return HIGH_UNIT, Dsum + 4 * ngp
+    return ONE_UNIT, Dsum
+
+
+@njit(inline='always')
 def _group128(one, acc, q0, q1, xb, npad, cg):
     """acc + C[g] * (codes q0 q1) . (digits of 128 inputs at xb)."""
     h, lo = _dot2(one, _izero(), _izero(), q0, xb, npad)
@@ -292,7 +301,7 @@ def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
     CA, C = _addr(ca), _addr(coef)
     ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
     npad, dist = ng * 128, -(-PREFETCH_BYTES // rb)
-    unit, S = (HIGH_UNIT, Dsum + 4 * ngp) if one else (ONE_UNIT, Dsum)
+    unit, S = _act_form(one, Dsum, ngp)
     p0 = _ldi(CA) + poff  # planes at or above bits alias plane 0: read, then masked out
     p1 = _ldi(CA + 8) + poff
     p2 = _ldi(CA + 16) + poff if bits > 2 else p0
@@ -324,7 +333,7 @@ def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
     b = 2 if mwq else bits
     one = bits <= ACT8_MAX_BITS
-    unit, S = (HIGH_UNIT, Dsum + 4 * ngp) if one else (ONE_UNIT, Dsum)
+    unit, S = _act_form(one, Dsum, ngp)
     for o in range(o0, o1):
         yo = _coefs(CA, moff, ng, ngp, bits, mwq, o, C, 0, Dsc, S, unit)
         acc = _fzero()
