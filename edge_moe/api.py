@@ -17,6 +17,7 @@ from edge_moe.format.container import Container
 from edge_moe.format.layout import build_layout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
+from edge_moe.kernels.warm import prepare as prepare_cpu_kernels
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
 from edge_moe.model.packed import check_dense_bits, pack_linear, packs
@@ -96,6 +97,8 @@ class Model:
         self.device = _check_device(device)
         backend = backend or default_backend(self.device)
         kernels = get_backend(backend)  # import (and load numba) before measuring the baseline
+        if backend == "cpu":
+            prepare_cpu_kernels()  # compiled in a child process the first time: LLVM's memory stays out
         self.dense_bits = check_dense_bits(dense_bits if dense_bits is not None
                                            else 16 if self.device.type == "cuda" else 8)
         if self.dense_bits < 16 and self.device.type == "cuda":
@@ -187,7 +190,8 @@ class Model:
         cache = self._start(len(ids), {"bits": bits, **knobs})
         out = self._prefill(ids, cache, all_logits=True).numpy()
         self.stats = {"prompt_tokens": len(ids), **self.pipeline.stats.as_dict(),
-                      "bytes_read": self.reader.bytes_read - self._bytes0, "peak_rss": self.rss.peak}
+                      "bytes_read": self.reader.bytes_read - self._bytes0, "peak_rss": self.rss.peak,
+                      "peak_rss_process": self.rss.process_peak}
         return out
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
@@ -220,7 +224,7 @@ class Model:
                       **self.pipeline.stats.as_dict(),
                       "stall_fraction": self.pipeline.stats.stall_s / max(prefill_s + decode_s, 1e-9),
                       "bytes_read": read, "bytes_read_per_token": read / max(prompt + new, 1),
-                      "peak_rss": self.rss.peak,
+                      "peak_rss": self.rss.peak, "peak_rss_process": self.rss.process_peak,
                       "memory_budget": self.memory_plan.budget if self.memory_plan else None}
 
     def stream(self, prompt: str, max_tokens: int = 64, **kwargs) -> Iterator[str]:

@@ -96,6 +96,7 @@ class PeakRss:
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
+        self._before = _process_peak()  # the process's peak before the first reset
         self._hwm = _can_reset_hwm()
         self._sampled = current_rss()
         self._stop = threading.Event()
@@ -113,7 +114,13 @@ class PeakRss:
         while not self._stop.wait(self.interval):
             self._sampled = max(self._sampled, proc.memory_info().rss)
 
+    @property
+    def process_peak(self) -> int:
+        """Peak RSS since the process started (all resets folded in)."""
+        return max(self._before, self.peak)
+
     def reset(self) -> None:
+        self._before = self.process_peak
         if self._hwm:
             _reset_hwm()
         self._sampled = current_rss()
@@ -131,6 +138,13 @@ def _read_hwm() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise OSError("no VmHWM in /proc/self/status")
+
+
+def _process_peak() -> int:
+    try:
+        return _read_hwm()
+    except OSError:
+        return current_rss()
 
 
 def _reset_hwm() -> None:
