@@ -13,6 +13,7 @@ import torch
 import edge_moe
 from edge_moe.errors import BudgetError, UsageError
 from edge_moe.format.nested import MAX_BITS
+from edge_moe.kernels.warm import prepare
 from edge_moe.model.layers import KVCache, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
 
@@ -60,6 +61,7 @@ def test_refuses_a_budget_that_cannot_hold_one_layer(wide_model):
 
 
 def test_budget_holds_under_randomized_routing(wide_model):
+    prepare()  # a warm kernel cache: no compile child for wait4's maxrss to count
     code = WORKLOAD.format(path=str(wide_model))
     r = json.loads(subprocess.run([sys.executable, "-c", CHILD, code], capture_output=True, text=True,
                                   timeout=600).stdout)
