@@ -47,7 +47,7 @@ def test_hotness_is_an_exponential_moving_average():
     cache = small_cache()
     cache.record_routing(1, np.array([2, 0, 0, 1]))
     cache.record_routing(1, np.array([0, 0, 0, 1]))
-    np.testing.assert_allclose(cache.hot[1], [1.8, 0, 0, 1.9])
+    np.testing.assert_allclose(cache.hot[1], [2 * cache.decay, 0, 0, cache.decay + 1])
 
 
 def test_hebf_bases_hottest_first_then_levels():
