@@ -91,6 +91,8 @@ class ExpertCache:
     def take_units(self, n: int, keep: tuple[int, int], worth: float = np.inf) -> list[int] | None:
         """n free units, evicting as needed: never from `keep` or pinned experts, and only chunks worth
         less than `worth` (what the caller will load; a must-read passes inf). Caller holds lock."""
+        if len(self.free) < n and worth <= 0.0:
+            return None  # it may evict nothing: skip the search (the reader holds the lock for it)
         while len(self.free) < n:
             victim = self._victim(keep)
             if victim is None or victim[3] >= worth:
