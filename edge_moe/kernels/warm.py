@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -14,7 +13,8 @@ import numpy as np
 from edge_moe.kernels import cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel)  # the numba functions the runtime calls from Python
-CHILD = "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()"
+CHILD = ("import sys; sys.path.insert(0, {root!r}); "
+         "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
 
 def call_every_kernel() -> None:
@@ -61,11 +61,13 @@ def prepare() -> None:
     if not compiled():
         print("edge-moe: compiling the cpu kernels for this machine (once, about 30 s)", file=sys.stderr,
               flush=True)
-        root = str(Path(cpu.__file__).resolve().parents[2])  # the child must compile these very files
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+        # the child must compile these very files, whatever its working directory holds (a source
+        # tree there shadowed an installed package and the child filled the wrong cache)
+        root = str(Path(cpu.__file__).resolve().parents[2])
+        child = subprocess.run([sys.executable, "-c", CHILD.format(root=root)], capture_output=True, text=True)
         if child.returncode != 0 or not compiled():
-            why = child.stderr.strip()[-300:] or "is numba's cache directory writable?"
+            why = (f"exit {child.returncode}: {child.stderr.strip()[-300:]}" if child.returncode
+                   else "is numba's cache directory writable?")
             warnings.warn(f"edge-moe: the cpu kernels could not be compiled into numba's cache ({why}); they "
                           "compile in this process, whose RSS may pass --memory-budget by ~200 MB",
                           RuntimeWarning, stacklevel=2)
