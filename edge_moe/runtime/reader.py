@@ -5,7 +5,8 @@ ordered HEBF: the base of the hottest expert first, then the next hottest's base
 levels only after every base (D2MoE). Reads up to `must` wait for cache units (pinned experts
 free theirs as the compute thread finishes them); reads above `must` are best effort and are
 skipped when every unit is pinned. Classes order the queue: NEEDED (the compute thread may wait
-on it), OPTIONAL (fetched for later tokens), PREFETCH (the next layer's predicted experts), FILL
+on it), OPTIONAL (fetched for later tokens; queued only as far as the free units this layer's reads
+leave, since they may evict nothing), PREFETCH (the next layer's predicted experts), FILL
 (the whole model in the background, expert by expert into free units only, when the budget holds
 it all); within a class newer layers go first.
 """
@@ -75,11 +76,19 @@ class Reader:
             if not wants:
                 return
             self._epoch += 1
+            spare = len(cache.free)  # free units not yet claimed by this layer's reads
             for target, rank, w in hebf_reads(wants):
+                held = int(cache.held[row, w.expert])
+                if target <= held:
+                    continue  # held already (a resident base under a wanted upper level)
                 must = target <= w.must and not prefetch
                 cls = PREFETCH if prefetch else (NEEDED if must or wait_upper else OPTIONAL)
+                need = target - held if target <= w.must else 1  # an upper read adds one level
+                if cls == OPTIONAL and need > spare:
+                    continue  # it may only take free units (_reserve); queued, it would only cost CPU
+                spare -= need
                 key = (cls, -self._epoch, target > w.must, target, rank, next(self._seq))
-                self._tried[(row, w.expert)] = int(cache.held[row, w.expert])
+                self._tried[(row, w.expert)] = held
                 heapq.heappush(self._queue, (key, row, w.expert, target, must, self._epoch))
             cache.lock.notify_all()
 

@@ -108,3 +108,35 @@ def test_a_prefetch_that_found_no_room_does_not_release_an_expert_below_its_must
         cache.pins[0, 1] -= 1
     finally:
         reader.close()
+
+
+def queued_targets(cache, wants, wait_upper=False):
+    """The read targets one submission queues (taken off the queue before the reader thread sees it)."""
+    reader = Reader(None, cache)
+    try:
+        with cache.lock:
+            reader.submit(0, wants, wait_upper=wait_upper)
+            targets = sorted((item[2], item[3]) for item in reader._queue)
+            reader._queue.clear()
+        return targets
+    finally:
+        reader.close()
+
+
+def test_a_resident_base_is_not_read_again_under_a_wanted_upper_level():
+    cache = small_cache(10)
+    fill(cache, 0, 1, 2, hot=1.0)
+    assert queued_targets(cache, [Want(1, 2, 4, 1.0)]) == [(1, 3), (1, 4)]
+    assert queued_targets(cache, [Want(1, 2, 4, 1.0)], wait_upper=True) == [(1, 3), (1, 4)]
+
+
+def test_optional_upper_levels_are_queued_only_into_unclaimed_free_units():
+    """Reads for later tokens may only take free units: in a full cache they used to be queued and
+    fail in the reader thread, ~50 per token (bench_budget at 2 GB), costing CPU and the GIL."""
+    cache = small_cache(7)
+    fill(cache, 0, 0, 4, hot=1.0)  # 3 units free
+    # expert 1's base claims 2 of them, one is left for its 3rd chunk, none for the 4th
+    assert queued_targets(cache, [Want(1, 2, 4, 1.0)]) == [(1, 2), (1, 3)]
+    fill(cache, 0, 2, 3, hot=1.0)  # full
+    assert queued_targets(cache, [Want(1, 2, 4, 1.0)]) == [(1, 2)]
+    assert queued_targets(cache, [Want(1, 2, 4, 1.0)], wait_upper=True) == [(1, 2), (1, 3), (1, 4)]
