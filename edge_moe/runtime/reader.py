@@ -57,6 +57,7 @@ class Reader:
         self._seq = itertools.count()
         self._epoch = 0
         self._tried: dict[tuple[int, int], int] = {}  # (row, expert) -> highest target processed
+        self._evicted_seen: dict[int, int] = {}  # row -> cache evictions at its last submission
         # chunks whose CRC was checked once: later reads of the same bytes skip the CPU cost
         self._verified = np.zeros((*cache.held.shape, MAX_BITS), dtype=bool)
         self.bytes_read, self.read_seconds, self.failed = 0, 0.0, None
@@ -76,7 +77,13 @@ class Reader:
             if not wants:
                 return
             self._epoch += 1
-            spare = len(cache.free)  # free units not yet claimed by this layer's reads
+            # free units not yet claimed by this layer's reads, for reads for later tokens; none while
+            # the cache evicts (since this layer's last submission): such a level would be the
+            # first victim of the next miss, before any token used it
+            evicted = int(cache.evictions.sum())
+            calm = evicted == self._evicted_seen.get(row, evicted)
+            self._evicted_seen[row] = evicted
+            spare = len(cache.free) if calm else 0
             for target, rank, w in hebf_reads(wants):
                 held = int(cache.held[row, w.expert])
                 if target <= held:
