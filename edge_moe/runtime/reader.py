@@ -5,10 +5,10 @@ ordered HEBF: the base of the hottest expert first, then the next hottest's base
 levels only after every base (D2MoE). Reads up to `must` wait for cache units (pinned experts
 free theirs as the compute thread finishes them); reads above `must` are best effort and are
 skipped when every unit is pinned. Classes order the queue: NEEDED (the compute thread may wait
-on it), OPTIONAL (fetched for later tokens; queued only as far as the free units this layer's reads
-leave, since they may evict nothing), PREFETCH (the next layer's predicted experts), FILL
-(the whole model in the background, expert by expert into free units only, when the budget holds
-it all); within a class newer layers go first.
+on it), OPTIONAL (fetched for later tokens; they may evict nothing, so they are queued only as far
+as the free units this layer's reads leave, and not while the cache evicts), PREFETCH (the next
+layer's predicted experts), FILL (the whole model in the background, expert by expert into free
+units only, when the budget holds it all); within a class newer layers go first.
 """
 
 from __future__ import annotations
