@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(cpu default 8), 16 keeps the file's bf16 (cuda default)")
     r.add_argument("--backend", default=None, help="kernel backend (default: the fastest for the device)")
     r.add_argument("--drop-page-cache", action="store_true",
-                   help="have the OS forget expert pages after each read (measures the disk, not RAM)")
+                   help="read experts around the OS page cache (direct I/O where the file's alignment "
+                        "allows, else reads then advice to forget the pages): measures the disk, not RAM")
     r.add_argument("--stats", action="store_true", help="print timing and I/O stats to stderr")
     r.set_defaults(func=_run)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")

@@ -30,7 +30,23 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")
 DATA_ALIGN = 4096  # page: prefix reads of experts start page-aligned
 DENSE_ALIGN = 64
+DIRECT_ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers: covers every logical block size
 _NO_CRC = "00000000"
+
+
+def _open_direct(path: Path) -> int | None:
+    """A descriptor for direct I/O (O_DIRECT: the disk writes into our buffer, no page-cache copy;
+    here 1.4-1.9 ms of CPU per 3.3 MB read became 0.2 ms), or None where there is none (macOS, tmpfs)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT) if hasattr(os, "O_DIRECT") else None
+    except OSError:
+        return None
+
+
+def _direct_ok(pos: int, dests) -> bool:
+    """Direct I/O needs the file offset, and every buffer's address and length, block-aligned."""
+    return pos % DIRECT_ALIGN == 0 and all(d.ctypes.data % DIRECT_ALIGN == 0 and d.nbytes % DIRECT_ALIGN == 0
+                                           for d in dests)
 
 
 def _align(n: int, a: int) -> int:
@@ -132,13 +148,17 @@ class Container:
 
     def __init__(self, path: str | Path, drop_page_cache: bool = False):
         self.path = Path(path)
-        # drop_page_cache: advise the kernel to forget expert pages after reading them, so that
-        # reads measure the disk as on a device whose RAM cannot cache the model file.
+        # drop_page_cache: expert reads bypass the OS page cache, as on a device whose RAM cannot also
+        # cache the model file: direct I/O where the buffers allow it, else reads followed by advice
+        # to forget the pages; and what was cached before is dropped at open.
         self.drop_page_cache = drop_page_cache
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise FormatError(f"cannot open model file {self.path}: {e.strerror}") from None
+        self._direct_fd = _open_direct(self.path) if drop_page_cache else None
+        if drop_page_cache:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.manifest, self.data_offset = self._read_manifest()
         self._check_size()
         self._rows = {li: i for i, li in enumerate(self.manifest["experts"]["layers"])}
@@ -211,13 +231,14 @@ class Container:
         start, end = self._level_start(first_level), self._level_ends[last_level - 1]
         views = [memoryview(d) for d in dests]
         pos = self.data_offset + self.manifest["experts"]["offsets"][row][expert] + start
-        got = os.preadv(self._fd, views, pos)
+        direct = self._direct_fd is not None and _direct_ok(pos, dests)
+        got = os.preadv(self._direct_fd if direct else self._fd, views, pos)
         if got != end - start or sum(v.nbytes for v in views) != end - start:
             raise FormatError(f"{self.path}: short read of expert {expert} of layer {layer} "
                               f"({got} of {end - start} bytes)")
         if verify:
             self._verify_scattered(views, row, expert, layer, first_level, last_level)
-        if self.drop_page_cache:
+        if self.drop_page_cache and not direct:
             os.posix_fadvise(self._fd, pos, end - start, os.POSIX_FADV_DONTNEED)
         return got
 
@@ -248,9 +269,10 @@ class Container:
                          f"expert {expert} of layer {layer}, level {k}")
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = None
 
     def __enter__(self):
         return self

@@ -7,6 +7,8 @@ compute stream; a load returns once its copy has landed, so committed chunks are
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -18,7 +20,11 @@ class HostArena:
     """Units in process memory; kernels read them in place."""
 
     def __init__(self, n_units: int, unit_bytes: int):
-        self.data = np.zeros((n_units, unit_bytes), dtype=np.uint8)  # pages commit on first write
+        # an anonymous mapping: zeroed, its pages commit on first write, and page-aligned, so that
+        # direct reads (Container, drop_page_cache) can land in units whose size is a page multiple
+        size = n_units * unit_bytes
+        self._map = mmap.mmap(-1, max(size, 1))
+        self.data = np.frombuffer(self._map, np.uint8, count=size).reshape(n_units, unit_bytes)
 
     def __len__(self) -> int:
         return self.data.shape[0]

@@ -136,3 +136,33 @@ def test_unknown_architecture(hf_dir, tmp_path):
 def test_not_a_checkpoint_dir(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         convert(tmp_path, tmp_path.parent / "x.emoe", progress=False)
+
+
+def test_direct_reads_land_the_same_bytes(tmp_path, monkeypatch):
+    """With drop_page_cache, expert levels are read with O_DIRECT where offset and buffers are
+    page-aligned (hidden 512 and expert width 512 make every chunk a page multiple, as real shapes do)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from edge_moe.format import container as container_module
+    from edge_moe.runtime.arena import HostArena
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                        num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    path = convert(tmp_path / "hf", tmp_path / "m.emoe", progress=False)
+    fds, real_preadv = [], os.preadv
+    monkeypatch.setattr(container_module.os, "preadv",
+                        lambda fd, bufs, pos: fds.append(fd) or real_preadv(fd, bufs, pos))
+    with Container(path) as plain, Container(path, drop_page_cache=True) as direct:
+        if direct._direct_fd is None:
+            pytest.skip("this file system has no O_DIRECT")
+        sizes = direct.manifest["expert_layout"]["chunk_sizes"]
+        arena = HostArena(len(sizes), max(sizes))
+        for expert in range(3):
+            fds.clear()
+            arena.load(direct, 0, expert, 0, len(sizes), list(range(len(sizes))), sizes, verify=True)
+            assert fds == [direct._direct_fd]
+            got = b"".join(arena.data[c, :n].tobytes() for c, n in enumerate(sizes))
+            assert got == plain.read_expert(0, expert, len(sizes) - 1).tobytes()
