@@ -175,7 +175,7 @@ class Model:
         with self.cache.lock:  # below min_bits an expert is useless: keep or drop those chunks together
             self.cache.floor = max(2, self.pipeline.request.min_bits)
         self.pipeline.stats = RunStats()
-        self._bytes0 = self.reader.bytes_read
+        self._bytes0, self._read_s0 = self.reader.bytes_read, self.reader.read_seconds
         self.rss.reset()
         return self.decoder.new_cache(n_tokens)
 
@@ -224,6 +224,7 @@ class Model:
                       **self.pipeline.stats.as_dict(),
                       "stall_fraction": self.pipeline.stats.stall_s / max(prefill_s + decode_s, 1e-9),
                       "bytes_read": read, "bytes_read_per_token": read / max(prompt + new, 1),
+                      "read_s": self.reader.read_seconds - self._read_s0,  # the reader thread's time in reads
                       "peak_rss": self.rss.peak, "peak_rss_process": self.rss.process_peak,
                       "memory_budget": self.memory_plan.budget if self.memory_plan else None}
 
