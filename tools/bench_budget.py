@@ -116,7 +116,7 @@ def disk_read_rate(model: str, reads: int = 200) -> float:
 def speed_table(args) -> None:
     print(f"model {args.model}, {args.tokens} decode tokens after a {args.prompt}-token prompt and "
           f"{args.warmup} warm-up tokens; backend {args.backend}; page cache "
-          f"{'allowed' if args.page_cache else 'dropped after each read'}; median of {args.repeats} runs, "
+          f"{'allowed' if args.page_cache else 'bypassed (direct I/O)'}; median of {args.repeats} runs, "
           f"each in a fresh process; (a) = quality {args.quality}, bits {args.min_bits}..{args.max_bits}; "
           f"1-min load average {os.getloadavg()[0]:.2f} at the start\n")
     if not args.page_cache:

@@ -21,9 +21,13 @@ class HostArena:
 
     def __init__(self, n_units: int, unit_bytes: int):
         # an anonymous mapping: zeroed, its pages commit on first write, and page-aligned, so that
-        # direct reads (Container, drop_page_cache) can land in units whose size is a page multiple
+        # direct reads (Container, drop_page_cache) can land in units whose size is a page multiple;
+        # in huge pages where the OS has them, as numpy's own large arrays: direct reads of 3.3 MB
+        # ran at 2.7 GB/s into huge pages against 1.1 GB/s into 4 KiB pages here
         size = n_units * unit_bytes
         self._map = mmap.mmap(-1, max(size, 1))
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self.data = np.frombuffer(self._map, np.uint8, count=size).reshape(n_units, unit_bytes)
 
     def __len__(self) -> int:
