@@ -2,6 +2,7 @@
 
     python tools/bench_budget.py MODEL.emoe --budgets 2GB 3GB 16GB [--tokens 32] [--repeats 3] [--resident]
     python tools/bench_budget.py MODEL.emoe --quality-model HF_DEMO_DIR     # adds the quality table
+    python tools/bench_budget.py M.emoe --skip-speed --quality-model edge_moe/data/demo.emoe --quality-text T
     python tools/bench_budget.py MODEL.emoe --budgets 1.5GB --policies a b --min-bits 4 --max-bits 5
 
 Every (budget, policy) runs in a fresh child process: tokens/s, stall fraction, bytes read per
@@ -160,9 +161,12 @@ def quality_table(args) -> None:
     import edge_moe
     from edge_moe.convert import convert
 
+    source = Path(args.quality_model)
+    text = Path(args.quality_text) if args.quality_text else source / "heldout.txt"
     with tempfile.TemporaryDirectory() as tmp:
-        m = edge_moe.load(convert(args.quality_model, Path(tmp) / "q.emoe", progress=False))
-        ids = m.encode((Path(args.quality_model) / "heldout.txt").read_text())[: args.quality_tokens]
+        m = edge_moe.load(source if source.suffix == ".emoe"
+                          else convert(source, Path(tmp) / "q.emoe", progress=False))
+        ids = m.encode(text.read_text())[: args.quality_tokens]
         print(f"\nquality on the demo model's held-out text ({len(ids)} tokens, window 256)\n")
         print("| setting | mean bits | perplexity |")
         print("|---|---|---|")
@@ -191,7 +195,10 @@ def main() -> None:
     ap.add_argument("--min-bits", type=int, default=2)
     ap.add_argument("--max-bits", type=int, default=6)
     ap.add_argument("--page-cache", action="store_true", help="let the OS cache the model file")
-    ap.add_argument("--quality-model", default=None, help="HF dir of the demo model (with heldout.txt)")
+    ap.add_argument("--quality-model", default=None,
+                    help="the demo model: its HF dir (with heldout.txt) or an .emoe (with --quality-text)")
+    ap.add_argument("--quality-text", default=None,
+                    help="held-out text (default: the HF dir's heldout.txt; see train_demo_model.py corpus)")
     ap.add_argument("--quality-tokens", type=int, default=8192)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--policies", nargs="+", default=[_label(n) for n in POLICIES],
