@@ -5,7 +5,8 @@
     python tools/bench_budget.py M.emoe --skip-speed --quality-model edge_moe/data/demo.emoe --quality-text T
     python tools/bench_budget.py MODEL.emoe --budgets 1.5GB --policies a b --min-bits 4 --max-bits 5
 
-Every (budget, policy) runs in a fresh child process: tokens/s, stall fraction, bytes read per
+Every (budget, policy) runs in a fresh child process, the policies of a budget taking turns repeat
+by repeat (this machine drifts by 10-30% over minutes): tokens/s, stall fraction, bytes read per
 token, and peak RSS twice (the child's own sampling thread, and the kernel's maximum RSS of the
 child from wait4), side by side in one markdown table, after the disk's own rate for expert reads.
 Expert reads bypass the OS page cache (drop_page_cache: direct I/O) so that they measure the disk,
@@ -114,6 +115,15 @@ def disk_read_rate(model: str, reads: int = 200) -> float:
         return total / (time.perf_counter() - t0)
 
 
+def _spec(args, budget: str, streaming: str, knobs, preload: bool) -> dict:
+    """One child run's settings; "dynamic" knobs are (a)'s quality and bit range."""
+    knobs = {"quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits} \
+        if knobs == "dynamic" else knobs
+    return {"model": args.model, "budget": budget, "streaming": streaming, "backend": args.backend,
+            "context": args.context, "drop": not args.page_cache, "knobs": knobs, "preload": preload,
+            "prompt": args.prompt, "tokens": args.tokens, "warmup": args.warmup}
+
+
 def speed_table(args) -> None:
     print(f"model {args.model}, {args.tokens} decode tokens after a {args.prompt}-token prompt and "
           f"{args.warmup} warm-up tokens; backend {args.backend}; page cache "
@@ -131,13 +141,14 @@ def speed_table(args) -> None:
     for i, budget in enumerate(args.budgets):
         last = i == len(args.budgets) - 1
         resident = [(RESIDENT, "hebf", {"bits": 4}, True)] if last and args.resident else []
-        for name, streaming, knobs, preload in policies + resident:
-            knobs = {"quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits} \
-                if knobs == "dynamic" else knobs
-            spec = {"model": args.model, "budget": budget, "streaming": streaming, "backend": args.backend,
-                    "context": args.context, "drop": not args.page_cache, "knobs": knobs, "preload": preload,
-                    "prompt": args.prompt, "tokens": args.tokens, "warmup": args.warmup}
-            print(row(budget, name, [run_child(spec) for _ in range(args.repeats)]), flush=True)
+        specs = {name: _spec(args, budget, streaming, knobs, preload)
+                 for name, streaming, knobs, preload in policies + resident}
+        runs = {name: [] for name in specs}
+        for _ in range(args.repeats):  # policies take turns, so that the machine's drift hits each alike
+            for name, spec in specs.items():
+                runs[name].append(run_child(spec))
+        for name in specs:
+            print(row(budget, name, runs[name]), flush=True)
     print(f"\n1-min load average {os.getloadavg()[0]:.2f} at the end")
 
 
