@@ -38,16 +38,26 @@ SHAPES = {  # name: (O, N) of y = x @ W.T, decode shapes of real models (issue 3
 QUICK = ("olmoe 2048x1024", "mixtral 4096x14336")
 
 
+@njit(cache=True)
+def _xor_all(a):
+    """xor of every word of a (bound by memory, not by the xors)."""
+    acc = np.uint64(0)
+    for i in range(a.size):
+        acc ^= a[i]
+    return acc
+
+
 @njit(parallel=True, cache=True)
 def _read(a, parts):
-    """xor of every word of a, split in `parts` contiguous pieces (a pure streaming read)."""
+    """xor of every word of a, split in `parts` contiguous pieces (a pure streaming read).
+
+    Each piece goes through _xor_all on a slice: the same loop written inline over p*n..(p+1)*n
+    read 5.7 GB/s per thread on a Zen 5 where the slice version reads 38 (a numpy sum: 30), so
+    "of BW" came out above 100%."""
     n = a.size // parts
     out = np.zeros(parts, np.uint64)
     for p in prange(parts):
-        acc = np.uint64(0)
-        for i in range(p * n, (p + 1) * n):
-            acc ^= a[i]
-        out[p] = acc
+        out[p] = _xor_all(a[p * n:(p + 1) * n])
     return out
 
 
