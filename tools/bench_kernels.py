@@ -68,12 +68,13 @@ def read_bandwidth(pool_mb: int, reps: int = 9) -> float:
 
 
 class Quiet:
-    """Waits for a shared machine to be quiet: a ~1 ms probe (all threads reading 16 MB) must run
+    """Waits for a shared machine to be quiet: a ~1 ms probe (all threads reading 64 MB) must run
     within 30% of its best time. Another tenant's busy thread stalls every thread barrier for a
     scheduler slice (~8 ms here), which would swamp the medians."""
 
     def __init__(self):
-        self.a = np.ones(2**21, dtype=np.uint64)
+        self.a = np.ones(2**23, dtype=np.uint64)  # 64 MB: ~1 ms from DRAM (16 MB in L3 took 0.2 ms,
+        # too short a probe: it called the machine busy on most medians)
         self.best = min(self.probe() for _ in range(50))
         self.noisy = 0
 
