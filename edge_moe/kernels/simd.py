@@ -11,7 +11,8 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
-_I1, _I8, _I32, _I64, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32 = ir.FloatType()
 _VB = ir.VectorType(_I8, 64)
 _VI = ir.VectorType(_I32, 16)
 _VF = ir.VectorType(_F32, 16)
@@ -44,6 +45,7 @@ def _has(*names: str) -> bool:
 
 
 _VNNI = _has("+avx512vnni")
+_AVX2 = _has("+avx2")
 GFNI = _has("+gfni", "+avx512vbmi", "+avx512bw")  # _codes512 is compiled only where this holds
 
 
@@ -134,6 +136,8 @@ def _dpbusd(typingctx, acc, q, a):
         if _VNNI:
             return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _VI,
                          [acc, builder.bitcast(q, _VI), builder.bitcast(x, _VI)])
+        if _AVX2:  # 16 exact u8 x s8 products per vpmaddwd on 16-bit lanes (vpmaddubsw saturates)
+            return _madd_wd(builder, acc, q, x)
         wide = ir.VectorType(_I32, 64)  # portable form: LLVM picks what the target has
         prod = builder.mul(builder.zext(q, wide), builder.sext(x, wide))
         for k in range(4):
@@ -141,6 +145,20 @@ def _dpbusd(typingctx, acc, q, a):
             acc = builder.add(acc, builder.shuffle_vector(prod, ir.Constant(wide, ir.Undefined), lanes))
         return acc
     return _i32x16(acc, q, types.intp), codegen
+
+
+def _madd_wd(builder, acc, q, x):
+    """acc + the 64 products zext(q) * sext(x), summed in pairs by vpmaddwd into 16 int32 lanes each
+    holding 4 of them (not dpbusd's 4 adjacent ones: every caller sums all lanes of a group)."""
+    v16, parts = ir.VectorType(_I16, 16), []
+    for k in range(4):
+        lanes = ir.Constant(ir.VectorType(_I32, 16), list(range(16 * k, 16 * k + 16)))
+        qk = builder.zext(builder.shuffle_vector(q, ir.Constant(_VB, ir.Undefined), lanes), v16)
+        xk = builder.sext(builder.shuffle_vector(x, ir.Constant(_VB, ir.Undefined), lanes), v16)
+        parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [qk, xk]))
+    low = builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+    high = builder.shuffle_vector(parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+    return builder.add(acc, builder.add(low, high))
 
 
 @intrinsic
