@@ -46,6 +46,7 @@ def _has(*names: str) -> bool:
 
 _VNNI = _has("+avx512vnni")
 _AVX2 = _has("+avx2")
+_BYTE_MASKS = _has("+avx512bw")  # a 64-bit word is a byte-select mask register (kmovq)
 GFNI = _has("+gfni", "+avx512vbmi", "+avx512bw")  # _codes512 is compiled only where this holds
 
 
@@ -122,8 +123,15 @@ def _qmask_add(typingctx, q, a, v):
     add as an or, and byte-masked or does not exist (2 instructions instead of 1)."""
     def codegen(context, builder, sig, args):
         q, a, v = args
-        mask = builder.bitcast(builder.load(_ptr(builder, a, _I64), align=1), ir.VectorType(_I1, 64))
-        return builder.select(mask, builder.add(q, v), q)
+        word = builder.load(_ptr(builder, a, _I64), align=1)
+        if _BYTE_MASKS or not _AVX2:
+            return builder.select(builder.bitcast(word, ir.VectorType(_I1, 64)), builder.add(q, v), q)
+        # AVX2: byte i of the word to lanes 8i..8i+7 (vpshufb), one bit per lane kept, compared
+        spread = builder.shuffle_vector(builder.bitcast(word, ir.VectorType(_I8, 8)), ir.Constant(
+            ir.VectorType(_I8, 8), ir.Undefined), ir.Constant(ir.VectorType(_I32, 64), [i // 8 for i in range(64)]))
+        bit = ir.Constant(_VB, [1 << (i % 8) for i in range(64)])
+        on = builder.sext(builder.icmp_unsigned("==", builder.and_(spread, bit), bit), _VB)
+        return builder.add(q, builder.and_(on, v))
     return _u8x64(q, types.intp, v), codegen
 
 
