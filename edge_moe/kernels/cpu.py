@@ -54,10 +54,15 @@ from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, num_groups
 from edge_moe.kernels.simd import (
     GFNI,
+    STRIDED,
     _addr,
     _codes512,
+    _dot256,
     _dpbusd,
+    _f8sum,
+    _f8zero,
     _fload,
+    _fma_pair,
     _fma_s,
     _fma_v,
     _fmul,
@@ -161,6 +166,25 @@ def _digit_arrays(R, md):
     size = R * 2 * md[3] * md[2]
     dig = np.zeros(size + DIGIT_PAD, np.int8)[:size].reshape((R, 2, md[3] * md[2]))
     return dig, np.zeros((R, md[4]), np.float32), np.zeros((R, 2, md[4]), np.float32)
+
+
+@njit(cache=True)
+def _strided_digits(dig, md):
+    """The digits in the order the AVX2 GEMV reads them (simd._dot256): per block of 256 inputs, 8
+    runs of 32 holding inputs 8k+j (j = run): high digits as int8 and 256 high + low as int16
+    [R, 256 * blocks] each, zero past the row. Empty where that GEMV is not compiled."""
+    R, n = dig.shape[0], md[3] * md[2]
+    nblk = (md[3] + 1) // 2 if STRIDED and md[2] == 128 else 0
+    x8, x16 = np.zeros((R, 256 * nblk), np.int8), np.zeros((R, 256 * nblk), np.int16)
+    for r in range(R):
+        for k in range(nblk):
+            for j in range(8):
+                for b in range(32):
+                    i = 256 * k + 8 * b + j
+                    if i < n:
+                        x8[r, 256 * k + 32 * j + b] = dig[r, 0, i]
+                        x16[r, 256 * k + 32 * j + b] = np.int16(dig[r, 0, i]) * 256 + dig[r, 1, i]
+    return x8, x16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +352,48 @@ def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
 
 
 @njit(cache=True)
+def _gemv_strided(W, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y):
+    """_gemv for msb at group 128 on AVX2 without AVX-512: 256 weights per step (simd._dot256) at
+    width class W (a literal: 2, 4 or 8, as _gemv_msb128), with the strided activations."""
+    CA, C = _addr(ca), _addr(coef)
+    ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
+    dist = -(-PREFETCH_BYTES // rb)
+    one = bits <= ACT8_MAX_BITS
+    unit, S = _act_form(one, Dsum, ngp)
+    X = X8 if one else X16
+    xstep = 256 if one else 512
+    scale = np.float32(2 ** (MAX_BITS - W))  # the codes are q >> (8 - W)
+    p0, p1 = _ldi(CA) + poff, _ldi(CA + 8) + poff
+    p2 = _ldi(CA + 16) + poff if bits > 2 else p0
+    p3 = _ldi(CA + 24) + poff if bits > 3 else p0
+    p4 = _ldi(CA + 32) + poff if bits > 4 else p0
+    p5 = _ldi(CA + 40) + poff if bits > 5 else p0
+    p6 = _ldi(CA + 48) + poff if bits > 6 else p0
+    p7 = _ldi(CA + 56) + poff if bits > 7 else p0
+    full = ng // 2
+    for o in range(o0, o1):
+        yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, S, unit)
+        if o + dist < md[0]:
+            pa = (o + dist) * rb
+            for k in range(pa, pa + rb, 64):
+                for p in range(bits):
+                    _prefetch(_ldi(CA + 8 * p) + poff + k)
+        if o + 2 * dist < md[0]:
+            ma = 2 * (o + 2 * dist) * ng + moff
+            _prefetch(_ldi(CA) + ma)
+            _prefetch(_ldi(CA + 8) + ma)
+        a = o * rb
+        acc = _f8zero()
+        for k in range(full):
+            dots = _dot256(W, 32, bits, a + 32 * k, X + xstep * k, p0, p1, p2, p3, p4, p5, p6, p7)
+            acc = _fma_pair(acc, dots, C + 8 * k)
+        if ng > 2 * full:  # a last lone group: C[ng] is padding, 0
+            acc = _fma_pair(acc, _dot256(W, 16, bits, a + 32 * full, X + xstep * full,
+                                         p0, p1, p2, p3, p4, p5, p6, p7), C + 8 * full)
+        y[o - o0] = yo + scale * _f8sum(acc)
+
+
+@njit(cache=True)
 def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     """_gemv for every scheme and group: codes built 64 at a time by masked byte adds."""
     CA, W, C = _addr(ca), _addr(w), _addr(coef)
@@ -361,8 +427,18 @@ def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
 
 
 @njit(cache=True)
-def _gemv(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
-    """y[o - o0] = W_b[o] . x for one token: X digits, Dsc scales, Dsum sums (addresses)."""
+def _gemv(ca, md, bits, mwq, X, X8, X16, Dsc, Dsum, o0, o1, w, coef, y):
+    """y[o - o0] = W_b[o] . x for one token: X digits, X8 / X16 strided digits, Dsc scales, Dsum sums
+    (addresses)."""
+    if STRIDED:  # a constant, as GFNI
+        if md[2] == 128 and not mwq:
+            if bits == 2:
+                _gemv_strided(2, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y)
+            elif bits <= 4:
+                _gemv_strided(4, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y)
+            else:
+                _gemv_strided(8, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y)
+            return
     if GFNI:  # a constant: numba prunes the other branch, so no target compiles what it lacks
         if md[2] == 128 and not mwq:  # the default format: the shuffle-network kernel
             if bits == 2:  # (width class, int8 activations: bits <= ACT8_MAX_BITS) as literals
@@ -440,7 +516,7 @@ def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off,
 
 
 @njit(cache=True)
-def _rows(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
+def _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
     """Rows o0..o1 of one matrix for n tokens; out[orows[d0+i], o] (+)= oscale[d0+i] * y."""
     # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
     ngp = md[4]
@@ -449,7 +525,9 @@ def _rows(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, out, orows
     if n == 1:
         r = drows[d0]
         X = _addr(dig) + 2 * md[3] * md[2] * r
-        _gemv(ca, md, bits, mwq, X, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
+        x8, x16 = xs
+        X8, X16 = _addr(x8) + x8.shape[1] * r, _addr(x16) + 2 * x16.shape[1] * r
+        _gemv(ca, md, bits, mwq, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
               o0, o1, W, coef, y[0])
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
@@ -475,12 +553,13 @@ def _matmul_kernel(buf, starts, md, bits, mwq, x, W, out):
     ca = _addr(buf) + starts
     T = x.shape[0]
     dig, dsc, dsum = _digits_of(x, md)
+    xs = _strided_digits(dig, md)
     rows = np.arange(T)
     ones = np.ones(T, np.float32)
     nblk = -(-md[0] // ROWS_PER_ITEM)
     for b in prange(nblk):
         o0 = b * ROWS_PER_ITEM
-        _rows(ca, md, bits, mwq, dig, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
+        _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
               W, out, rows, ones, False)
 
 
@@ -491,6 +570,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
     I2, D = md_gu[0], md_dn[0]
     inter = I2 // 2
     dig, dsc, dsum = _digits_of(x, md_gu)
+    xs = _strided_digits(dig, md_gu)
     pairs = np.arange(P)
     ones = np.ones(P, np.float32)
     hid = np.empty((P, I2), np.float32)
@@ -498,7 +578,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
     for it in prange(E * nb):  # expert-interleaved, so both threads see every expert's bits
         j, o0 = it % E, (it // E) * ROWS_PER_ITEM
         if ptr[j + 1] > ptr[j]:
-            _rows(cas[j], md_gu, bits[j], mwq, dig, dsc, dsum, tokens, ptr[j], ptr[j + 1] - ptr[j],
+            _rows(cas[j], md_gu, bits[j], mwq, dig, xs, dsc, dsum, tokens, ptr[j], ptr[j + 1] - ptr[j],
                   o0, min(I2, o0 + ROWS_PER_ITEM), W, hid, pairs, ones, False)
     act = np.empty((P, inter), np.float32)
     dig, dsc, dsum = _digit_arrays(P, md_dn)
@@ -507,11 +587,12 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
             g = hid[k, i]
             act[k, i] = g / (np.float32(1.0) + np.exp(-g)) * hid[k, inter + i]
         _digit_row(act[k], md_dn[2], md_dn[3], dig[k], dsc[k], dsum[k])
+    xs = _strided_digits(dig, md_dn)
     for b in prange(-(-D // ROWS_PER_ITEM)):  # each item owns output columns: no write races
         o0 = b * ROWS_PER_ITEM
         for j in range(E):
             if ptr[j + 1] > ptr[j]:
-                _rows(cas[j], md_dn, bits[j], mwq, dig, dsc, dsum, pairs, ptr[j], ptr[j + 1] - ptr[j],
+                _rows(cas[j], md_dn, bits[j], mwq, dig, xs, dsc, dsum, pairs, ptr[j], ptr[j + 1] - ptr[j],
                       o0, min(D, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
 
 

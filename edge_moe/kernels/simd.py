@@ -48,6 +48,7 @@ _VNNI = _has("+avx512vnni")
 _AVX2 = _has("+avx2")
 _BYTE_MASKS = _has("+avx512bw")  # a 64-bit word is a byte-select mask register (kmovq)
 GFNI = _has("+gfni", "+avx512vbmi", "+avx512bw")  # _codes512 is compiled only where this holds
+STRIDED = _AVX2 and not GFNI  # the 256-bit transpose GEMV (_dot256) is compiled only where this holds
 
 
 def _ptr(builder, a, llty):
@@ -127,8 +128,9 @@ def _qmask_add(typingctx, q, a, v):
         if _BYTE_MASKS or not _AVX2:
             return builder.select(builder.bitcast(word, ir.VectorType(_I1, 64)), builder.add(q, v), q)
         # AVX2: byte i of the word to lanes 8i..8i+7 (vpshufb), one bit per lane kept, compared
-        spread = builder.shuffle_vector(builder.bitcast(word, ir.VectorType(_I8, 8)), ir.Constant(
-            ir.VectorType(_I8, 8), ir.Undefined), ir.Constant(ir.VectorType(_I32, 64), [i // 8 for i in range(64)]))
+        octets = builder.bitcast(word, ir.VectorType(_I8, 8))
+        spread = builder.shuffle_vector(octets, ir.Constant(ir.VectorType(_I8, 8), ir.Undefined),
+                                        ir.Constant(ir.VectorType(_I32, 64), [i // 8 for i in range(64)]))
         bit = ir.Constant(_VB, [1 << (i % 8) for i in range(64)])
         on = builder.sext(builder.icmp_unsigned("==", builder.and_(spread, bit), bit), _VB)
         return builder.add(q, builder.and_(on, v))
@@ -348,3 +350,144 @@ def _codes512(typingctx, width, bits, q0, q1, q2, q3, q4, q5, q6, q7):
             out = [builder.and_(q, keep) for q in out]
         return context.make_tuple(builder, sig.return_type, out)
     return _CODES(width, types.intp, q0, q1, q2, q3, q4, q5, q6, q7), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX2 (no AVX-512): 256 weights at a time, codes by an 8x8 bit transpose across plane registers.
+#
+# Byte k of a plane's 32 bytes holds bit j of weight 8k+j. Three delta-swap stages (shift, xor, and
+# on 16-bit lanes; masks drop what crosses a byte) turn the b plane registers into 8 code registers:
+# register j holds the codes of weights 8k+j (k = 0..31), so the activations are read in that
+# order (the caller's strided copy of x). Plane p goes to bit W-1-p, so codes are q >> (8-W): at most
+# 15 at W <= 4 (vpmaddubsw with int8 activations cannot saturate), 255 at W = 8 (vpmaddwd with int16
+# activations). Bytes 0-15 of a register are group g, 16-31 group g+1.
+
+_V32 = ir.VectorType(_I8, 32)
+_V8I = ir.VectorType(_I32, 8)
+_V8F = ir.VectorType(_F32, 8)
+_i32x8 = _Vec("i32x8", _V8I)
+_f32x8 = _Vec("f32x8", _V8F)
+
+
+def _lanes(n, start=0):
+    return ir.Constant(ir.VectorType(_I32, n), list(range(start, start + n)))
+
+
+def _load32(builder, a, nbytes):
+    """32 bytes at address a, or 16 and zeros (nbytes 16: nothing past them is read)."""
+    if nbytes == 32:
+        return builder.load(_ptr(builder, a, _V32), align=1)
+    low = builder.load(_ptr(builder, a, ir.VectorType(_I8, 16)), align=1)
+    return builder.shuffle_vector(low, ir.Constant(ir.VectorType(_I8, 16), [0] * 16), _lanes(32))
+
+
+def _bytes_splat(v):
+    return ir.Constant(_V32, [v & 0xFF] * 32)
+
+
+def _delta_swap(builder, regs, i, s):
+    """Swap bit c+s of register i with bit c of register i+s, in every byte, for c with c & s = 0.
+    None is an all-zero register (its operations are left out)."""
+    a, b = regs[i], regs[i + s]
+    if a is None and b is None:
+        return
+    low = sum(1 << c for c in range(8) if not c & s)
+    m = _bytes_splat(low)
+    shift = _bytes_splat(s)
+    if b is None:  # t = (a >> s) & m; b = t; a ^= t << s clears the bits t took
+        t = builder.and_(builder.lshr(a, shift), m)
+        regs[i + s], regs[i] = t, builder.and_(a, _bytes_splat(~(low << s)))
+        return
+    if a is None:  # t = b & m; b ^= t (b keeps its high bits); a = t << s
+        t = builder.and_(b, m)
+        regs[i], regs[i + s] = builder.shl(t, shift), builder.and_(b, _bytes_splat(~low))
+        return
+    t = builder.and_(builder.xor(builder.lshr(a, shift), b), m)
+    regs[i + s], regs[i] = builder.xor(b, t), builder.xor(a, builder.shl(t, shift))
+
+
+def _codes256(builder, width, bits, a, planes, nbytes):
+    """8 code registers (see above) of the 256 weights at offset a of the planes; planes at or above
+    bits are masked to zero."""
+    regs = [None] * 8
+    for p in range(width):
+        v = _load32(builder, builder.add(planes[p], a), nbytes)
+        if p >= 2:  # width 4 holds bits 3-4, width 8 bits 5-8: drop planes >= bits
+            keep = builder.select(builder.icmp_signed(">", bits, ir.Constant(_I64, p)),
+                                  ir.Constant(_I8, 0xFF), ir.Constant(_I8, 0))
+            v = builder.and_(v, _splat(builder, keep, _V32))
+        regs[width - 1 - p] = v
+    for s in (4, 2, 1):
+        for i in range(8):
+            if not i & s:
+                _delta_swap(builder, regs, i, s)
+    return [r if r is not None else ir.Constant(_V32, [0] * 32) for r in regs]
+
+
+def _dot_int8(builder, codes, xb):
+    """Lanes 0-3: group g, 4-7: group g+1 of sum codes * x8 (32 int8 per register at xb + 32 j)."""
+    acc = None
+    for j, q in enumerate(codes):
+        x = builder.load(_ptr(builder, builder.add(xb, ir.Constant(_I64, 32 * j)), _V32), align=1)
+        d = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), [q, x])
+        acc = d if acc is None else builder.add(acc, d)
+    ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [acc, ones])
+
+
+def _dot_int16(builder, codes, xb):
+    """As _dot_int8 with int16 activations (16 per half register at xb + 64 j and + 32)."""
+    v16 = ir.VectorType(ir.IntType(16), 16)
+    acc = [None, None]
+    for j, q in enumerate(codes):
+        for h in range(2):
+            qh = builder.zext(builder.shuffle_vector(q, q, _lanes(16, 16 * h)), v16)
+            x = builder.load(_ptr(builder, builder.add(xb, ir.Constant(_I64, 64 * j + 32 * h)), v16), align=2)
+            d = _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [qh, x])
+            acc[h] = d if acc[h] is None else builder.add(acc[h], d)
+    folded = [builder.add(builder.shuffle_vector(v, v, _lanes(4)), builder.shuffle_vector(v, v, _lanes(4, 4)))
+              for v in acc]
+    return builder.shuffle_vector(folded[0], folded[1], _lanes(8))
+
+
+@intrinsic
+def _dot256(typingctx, width, nbytes, bits, a, xb, p0, p1, p2, p3, p4, p5, p6, p7):
+    """Integer dots of two groups (one if nbytes is 16) of msb codes at width W (2, 4: int8 x8 at xb;
+    8: int16 x at xb) with the strided activations: i32 lanes 0-3 group g, 4-7 group g+1; in units
+    of 2^(8-W) times the msb code's."""
+    for lit in (width, nbytes):
+        if not isinstance(lit, types.IntegerLiteral):
+            return None
+    if width.literal_value not in (2, 4, 8) or nbytes.literal_value not in (16, 32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w, n = sig.args[0].literal_value, sig.args[1].literal_value
+        codes = _codes256(builder, w, args[2], args[3], list(args[5:]), n)
+        return (_dot_int8 if w <= 4 else _dot_int16)(builder, codes, args[4])
+    return _i32x8(width, nbytes, types.intp, types.intp, types.intp, *([types.intp] * 8)), codegen
+
+
+@intrinsic
+def _f8zero(typingctx):
+    return _f32x8(), lambda context, builder, sig, args: ir.Constant(_V8F, [0.0] * 8)
+
+
+@intrinsic
+def _fma_pair(typingctx, acc, v, c):
+    """acc + float(v) * (C[g] in lanes 0-3, C[g+1] in 4-7), the two floats at address c."""
+    def codegen(context, builder, sig, args):
+        acc, v, c = args
+        pair = builder.load(_ptr(builder, c, ir.VectorType(_F32, 2)), align=4)
+        coef = builder.shuffle_vector(pair, pair, ir.Constant(_V8I, [0, 0, 0, 0, 1, 1, 1, 1]))
+        return _call(builder, "llvm.fma.v8f32", _V8F, [builder.sitofp(v, _V8F), coef, acc])
+    return _f32x8(acc, v, types.intp), codegen
+
+
+@intrinsic
+def _f8sum(typingctx, v):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F]),
+                                            "llvm.vector.reduce.fadd.v8f32")
+        return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
+    return types.float32(v), codegen
