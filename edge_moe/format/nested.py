@@ -105,6 +105,15 @@ def quantize(w: np.ndarray, scheme: str, group: int = 128) -> NestedMatrix:
     return _quantize_mwq(wg, w.shape, group)
 
 
+def msb_codes(w: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 8-bit msb codes of W [O, N] as bytes, before they are split into planes: (q [O, ng, G]
+    uint8, zero in the padding; scale, minimum [O, ng] fp16), w = scale * q + minimum."""
+    check_group(group)
+    wg = _grouped(np.asarray(w, dtype=np.float32), group)
+    scale, minimum = _range(wg, 255)
+    return _codes(wg, scale, minimum, 255), scale, minimum
+
+
 def _quantize_msb(wg: np.ndarray, shape, group: int) -> NestedMatrix:
     scale, minimum = _range(wg, 255)
     q = _codes(wg, scale, minimum, 255)  # [O, ng, G]

@@ -58,6 +58,7 @@ from edge_moe.kernels.simd import (
     _addr,
     _codes512,
     _dot256,
+    _dot_bytes,
     _dpbusd,
     _f8sum,
     _f8zero,
@@ -596,6 +597,44 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
                       o0, min(D, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
 
 
+@njit(cache=True)
+def _int16_inputs(dig):
+    """The int16 activations 256 high + low of digits [T, 2, n] -> [T, n]."""
+    T, n = dig.shape[0], dig.shape[2]
+    out = np.empty((T, n), np.int16)
+    for t in range(T):
+        for i in range(n):
+            out[t, i] = np.int16(dig[t, 0, i]) * 256 + dig[t, 1, i]
+    return out
+
+
+@njit(cache=True)
+def _byte_row(Q, X, scale, minimum, dsc, dsum, G):
+    """sum_g scale_g d_g (q_g . x16_g) + minimum_g sum(x_g) of one row of byte codes at address Q
+    and one token's int16 activations at address X."""
+    acc, off = _fzero(), np.float32(0.0)
+    for g in range(scale.shape[0]):
+        h = _izero()
+        for c in range(g * G, g * G + G, 32):
+            h = _dot_bytes(h, Q + c, X + 2 * c)
+        acc = _fma_s(acc, _i2f(h), scale[g] * dsc[g])
+        off += minimum[g] * dsum[g]
+    return _fsum(acc) + off
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _byte_matmul_kernel(codes, scale, minimum, x, md, out):
+    """out = x @ W.T for W as byte codes (ByteLinear), int16 activations as the planes' at >= 5 bits."""
+    T, rows, G = x.shape[0], md[0], md[2]
+    dig, dsc, dsum = _digits_of(x, md)
+    x16 = _int16_inputs(dig)
+    Q, X, n = _addr(codes), _addr(x16), codes.shape[1]
+    for b in prange(-(-rows // ROWS_PER_ITEM)):
+        for o in range(b * ROWS_PER_ITEM, min(rows, b * ROWS_PER_ITEM + ROWS_PER_ITEM)):
+            for t in range(T):
+                out[t, o] = _byte_row(Q + n * o, X + 2 * n * t, scale[o], minimum[o], dsc[t], dsum[t, 0], G)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered ops (same signatures as kernels.reference).
 
@@ -663,6 +702,22 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
     out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
     if xs.shape[0]:
         _matmul_kernel(buf, plan.starts, md, bits, plan.mwq, xs, _POWERS, out)
+    return torch.from_numpy(out)
+
+
+def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """y [T, O] = x [T, N] @ W.T for W as 8-bit byte codes (see reference.byte_matmul)."""
+    o, ng = scale.shape
+    group = codes.shape[1] // ng
+    xs = _as_x(x, x.shape[-1])
+    if codes.dtype != np.uint8 or codes.shape[0] != o or group % 32 or xs.shape[1] > codes.shape[1] or \
+            xs.shape[1] <= codes.shape[1] - group:
+        raise UsageError(f"byte codes {codes.dtype} {codes.shape} with scales {scale.shape} "
+                         f"do not fit x {tuple(xs.shape)}")
+    md = np.array([o, xs.shape[1], group, ng, -(-ng // 16) * 16, 0, 0, 0], np.int64)
+    out = np.zeros((xs.shape[0], o), dtype=np.float32)
+    if xs.shape[0]:
+        _byte_matmul_kernel(codes, scale, minimum, xs, md, out)
     return torch.from_numpy(out)
 
 

@@ -21,6 +21,15 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
     return x.float() @ dequantized(layout, buf, matrix, bits).T
 
 
+def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """y [T, O] = x [T, N] @ W.T for W held as 8-bit codes [O, ng*G] uint8 with float32 scale and
+    minimum [O, ng]: w = scale * q + minimum per group of G."""
+    o, ng = scale.shape
+    q = torch.from_numpy(codes.reshape(o, ng, -1)).float()
+    w = (q * torch.from_numpy(scale)[..., None] + torch.from_numpy(minimum)[..., None]).reshape(o, -1)
+    return x.float() @ w[:, :x.shape[1]].T
+
+
 def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int) -> torch.Tensor:
     """SwiGLU expert at `bits`: down(silu(gate(x)) * up(x)), x [T, D] -> [T, D]."""
     gate, up = nested_matmul(layout, buf, "gate_up", x, bits).chunk(2, dim=-1)

@@ -61,6 +61,11 @@ def _splat(builder, val, vty):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
 
 
+def _lanes(n, start=0):
+    """The constant lane indices start..start+n-1 (a shuffle mask)."""
+    return ir.Constant(ir.VectorType(_I32, n), list(range(start, start + n)))
+
+
 def _call(builder, name, ret, args):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, args)
@@ -169,6 +174,30 @@ def _madd_wd(builder, acc, q, x):
     low = builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
     high = builder.shuffle_vector(parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
     return builder.add(acc, builder.add(low, high))
+
+
+@intrinsic
+def _dot_bytes(typingctx, acc, q, x):
+    """acc + the 32 products of the bytes at q (u8) and the int16 values at x, summed in pairs by
+    vpmaddwd into 16 int32 lanes."""
+    def codegen(context, builder, sig, args):
+        acc, q, x = args
+        v16 = ir.VectorType(_I16, 32)
+        qw = builder.zext(builder.load(_ptr(builder, q, ir.VectorType(_I8, 32)), align=1), v16)
+        xw = builder.load(_ptr(builder, x, v16), align=2)
+        if _BYTE_MASKS:
+            d = _call(builder, "llvm.x86.avx512.pmaddw.d.512", _VI, [qw, xw])
+        elif _AVX2:
+            halves = [[builder.shuffle_vector(v, v, _lanes(16, k)) for v in (qw, xw)] for k in (0, 16)]
+            lo, hi = (_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), h) for h in halves)
+            d = builder.shuffle_vector(lo, hi, _lanes(16))
+        else:
+            wide = ir.VectorType(_I32, 32)
+            prod = builder.mul(builder.zext(qw, wide), builder.sext(xw, wide))
+            pick = [ir.Constant(ir.VectorType(_I32, 16), list(range(k, 32, 2))) for k in (0, 1)]
+            d = builder.add(*(builder.shuffle_vector(prod, prod, m) for m in pick))
+        return builder.add(acc, d)
+    return _i32x16(acc, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -367,10 +396,6 @@ _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(_F32, 8)
 _i32x8 = _Vec("i32x8", _V8I)
 _f32x8 = _Vec("f32x8", _V8F)
-
-
-def _lanes(n, start=0):
-    return ir.Constant(ir.VectorType(_I32, n), list(range(start, start + n)))
 
 
 def _load32(builder, a, nbytes):

@@ -1,5 +1,8 @@
-"""Dense matrices held as nested bit-planes (`dense_bits`): the LM head and projections run on the
-expert kernels at 4-8 bits instead of bf16, halving or quartering the bytes each token reads."""
+"""Dense matrices packed at load (`dense_bits`): the LM head and projections at 4-8 bits instead of
+bf16, halving or quartering the bytes each token reads. Below 8 bits they are nested bit-planes on
+the expert kernels; at 8 bits plain byte codes (ByteLinear): the dense part is never read at fewer
+bits, so it need not pay for the planes' transposition (on AVX2 the 8-bit plane GEMV was
+compute-bound at about a third of the read bandwidth)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout, build_layout, pack_rows, unpack_matrix
-from edge_moe.format.nested import dequantize, quantize
+from edge_moe.format.nested import dequantize, msb_codes, quantize
 
 DENSE_BITS = (4, 5, 6, 7, 8, 16)  # 16: keep the file's bf16
 PACKED_SUFFIXES = (".q", ".k", ".v", ".o", ".shared_gate_up", ".shared_down", ".mlp_gate_up", ".mlp_down")
@@ -53,8 +56,52 @@ class PackedLinear:
         return y.reshape(*lead, self.shape[0])
 
 
+class ByteLinear(PackedLinear):
+    """W [O, N] as 8-bit msb codes [O, ng*G] with float32 scale and minimum [O, ng] (the same values
+    as the 8-bit planes of `quantize`); called as x @ W.T."""
+
+    def __init__(self, codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, n: int, backend):
+        self.codes, self.scale, self.minimum, self.backend = codes, scale, minimum, backend
+        self.shape, self.bits = (codes.shape[0], n), 8
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        i = ids.cpu().numpy()
+        o, ng = len(i), self.scale.shape[1]
+        q = self.codes[i].reshape(o, ng, -1).astype(np.float32)
+        w = q * self.scale[i][..., None] + self.minimum[i][..., None]
+        return torch.from_numpy(np.ascontiguousarray(w.reshape(o, -1)[:, :self.shape[1]]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.backend.byte_matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
+        return y.reshape(*lead, self.shape[0])
+
+
+def pack_bytes(w: torch.Tensor, backend) -> ByteLinear:
+    """Quantize W [O, N] to 8-bit byte codes, block of rows by block."""
+    o, n = w.shape
+    ng = -(-n // GROUP)
+    codes = np.zeros((o, ng * GROUP), np.uint8)
+    scale, minimum = np.zeros((o, ng), np.float32), np.zeros((o, ng), np.float32)
+
+    def pack_block(r: int) -> None:
+        q, s, m = msb_codes(w[r:r + ROWS_PER_BLOCK].float().numpy(), GROUP)
+        codes[r:r + len(q)] = q.reshape(len(q), -1)
+        scale[r:r + len(q)], minimum[r:r + len(q)] = s, m
+
+    with ThreadPoolExecutor(PACK_THREADS) as pool:
+        list(pool.map(pack_block, range(0, o, ROWS_PER_BLOCK)))
+    return ByteLinear(codes, scale, minimum, n, backend)
+
+
 def pack_linear(w: torch.Tensor, bits: int, backend) -> PackedLinear:
-    """Quantize W [O, N] block of rows by block into a buffer holding `bits` chunks."""
+    """Quantize W [O, N] block of rows by block into a buffer holding `bits` chunks (byte codes at 8)."""
+    if bits == 8:
+        return pack_bytes(w, backend)
     o, n = w.shape
     layout = build_layout({"w": (o, n)}, SCHEME, GROUP)
     buf = np.zeros(layout.bytes_for_bits(bits), dtype=np.uint8)

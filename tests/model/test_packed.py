@@ -28,30 +28,52 @@ def oracle(w: torch.Tensor, bits: int) -> np.ndarray:
     return dequantize(quantize(w.float().numpy(), packed.SCHEME, packed.GROUP), bits)
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 6, 7])
 def test_block_packing_equals_whole_matrix(weight, bits, monkeypatch):
     monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
     p = packed.pack_linear(weight, bits, reference)
     layout = build_layout({"w": (ROWS, N)}, packed.SCHEME, packed.GROUP)
     whole = np.frombuffer(pack_expert(layout, {"w": quantize(weight.float().numpy(), packed.SCHEME,
                                                               packed.GROUP)}), np.uint8)
-    assert p.nbytes == layout.bytes_for_bits(bits) < layout.nbytes or bits == 8
+    assert p.nbytes == layout.bytes_for_bits(bits) < layout.nbytes
     assert np.array_equal(p.buf, whole[:p.nbytes])
     unpacked = dequantize(unpack_matrix(p.layout, p.buf, "w", bits), bits)
     np.testing.assert_array_equal(unpacked, oracle(weight, bits))
 
 
+def test_8_bits_are_byte_codes_of_the_whole_matrix(weight, monkeypatch):
+    """At 8 bits the codes are bytes (ByteLinear), packed in row blocks, equal to the 8 planes of the
+    whole matrix put back together."""
+    monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
+    p = packed.pack_linear(weight, 8, reference)
+    assert isinstance(p, packed.ByteLinear)
+    m = quantize(weight.float().numpy(), packed.SCHEME, packed.GROUP)
+    planes = np.unpackbits(m.planes, axis=-1, bitorder="little")  # [8, O, Npad]
+    codes = sum(planes[k].astype(np.uint16) << (7 - k) for k in range(8))
+    np.testing.assert_array_equal(p.codes, codes)
+    np.testing.assert_array_equal(p.scale, m.scale.astype(np.float32))
+    np.testing.assert_array_equal(p.minimum, m.minimum.astype(np.float32))
+    assert p.nbytes == ROWS * (2 * 128 + 2 * 2 * 4)
+
+
 @pytest.mark.parametrize("backend", [reference, cpu], ids=lambda b: b.__name__.rsplit(".", 1)[-1])
 @pytest.mark.parametrize("t", [1, 5])
-def test_matmul_and_rows_match_dequantized(weight, backend, t):
-    p = packed.pack_linear(weight, 8, backend)
+@pytest.mark.parametrize("bits", [6, 8])
+def test_matmul_and_rows_match_dequantized(weight, backend, t, bits):
+    p = packed.pack_linear(weight, bits, backend)
     x = torch.from_numpy(np.random.default_rng(t).standard_normal((2, t, N)).astype(np.float32))
-    want = x.numpy() @ oracle(weight, 8).T
+    want = x.numpy() @ oracle(weight, bits).T
     got = p(x).numpy()
     assert got.shape == (2, t, ROWS)
     assert np.abs(got - want).max() / np.abs(want).max() < KERNEL_INT16_ACT_REL
     ids = torch.tensor([299, 0, 7, 7])
-    np.testing.assert_array_equal(p.rows(ids).numpy(), oracle(weight, 8)[ids.numpy()])
+    np.testing.assert_allclose(p.rows(ids).numpy(), oracle(weight, bits)[ids.numpy()], rtol=0, atol=1e-7)
+
+
+def test_byte_matmul_refuses_a_misshapen_input(weight):
+    p = packed.pack_linear(weight, 8, cpu)
+    with pytest.raises(UsageError, match="do not fit"):
+        cpu.byte_matmul(p.codes, p.scale, p.minimum, torch.zeros(1, N + 128))
 
 
 def test_what_is_packed():
