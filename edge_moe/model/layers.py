@@ -10,8 +10,9 @@ from edge_moe.model.packed import PackedLinear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    """x * rsqrt(mean(x^2) + eps) * weight in float32, one fused op (per-op dispatch is most of a
+    decode step's non-kernel time)."""
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,21 +30,28 @@ def embed(table: torch.Tensor | PackedLinear, ids: torch.Tensor) -> torch.Tensor
 
 
 class Rope:
-    """Rotary embeddings, rotate-half form as in transformers' llama-style models."""
+    """Rotary embeddings, rotate-half form as in transformers' llama-style models; cos and sin of
+    each position are computed once, in tables that grow by doubling."""
 
     def __init__(self, head_dim: int, theta: float):
         self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.cos = self.sin = torch.empty(0, 1, head_dim)
+
+    def tables(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [S >= end, 1, hd] on device."""
+        if self.cos.shape[0] < end or self.cos.device != torch.device(device):
+            positions = torch.arange(max(end, 2 * self.cos.shape[0]), dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq  # [S, hd/2]
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+            self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
+        return self.cos, self.sin
 
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         t = x.shape[0]  # x [T, H, hd]
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
-        positions = torch.arange(pos0, pos0 + t, dtype=torch.float32, device=x.device)
-        freqs = positions[:, None] * self.inv_freq  # [T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = self.tables(pos0 + t, x.device)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * emb.cos() + rotated * emb.sin()
+        return x * cos[pos0:pos0 + t] + rotated * sin[pos0:pos0 + t]
 
 
 class KVCache:
@@ -87,7 +95,8 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
     cache.v[layer, pos0:pos0 + t] = v.view(t, cfg.num_kv_heads, cfg.head_dim)
     keys, values = cache.k[layer, :pos0 + t], cache.v[layer, :pos0 + t]  # [S, KV, hd]
     dev = x.device
-    mask = torch.arange(pos0 + t, device=dev)[None, :] <= torch.arange(pos0, pos0 + t, device=dev)[:, None]
+    mask = None if t == 1 else (  # one new token sees every cached one
+        torch.arange(pos0 + t, device=dev)[None, :] <= torch.arange(pos0, pos0 + t, device=dev)[:, None])
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None].float(), values.transpose(0, 1)[None].float(),
         attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)  # [1, H, T, hd]

@@ -170,3 +170,22 @@ def test_no_reads_for_later_tokens_while_the_cache_evicts():
         assert submitted(reader, want, wait_upper=True) == [(2, 3)]  # the compute waits: always queued
     finally:
         reader.close()
+
+
+def test_one_token_routing_groups_as_the_general_path():
+    """Decode's fast grouping (moe._one_token) gives what the general sort-and-slice path gives:
+    experts in the same order, each with its token, gate weight, bits and Want."""
+    from edge_moe.runtime import moe
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        experts = rng.choice(64, size=(1, 8), replace=False)
+        weights = rng.random((1, 8)).astype(np.float32)
+        weights[0, 2] = weights[0, 5]  # a tie in heat: broken by expert id on both paths
+        bits = rng.integers(2, 9, size=(1, 8))
+        fast = moe.group_by_expert(experts, weights, bits, 4)
+        general = moe._many_tokens(experts, weights, bits, 4)
+        assert [r.want for r in fast] == [r.want for r in general]
+        for f, g in zip(fast, general, strict=True):
+            assert f.tokens.tolist() == g.tokens.tolist() == [0]
+            assert f.weights.tolist() == g.weights.tolist() and f.bits.tolist() == g.bits.tolist()
