@@ -59,6 +59,7 @@ from edge_moe.kernels.simd import (
     _codes512,
     _dot256,
     _dot_bytes,
+    _dot_nibbles,
     _dpbusd,
     _f8sum,
     _f8zero,
@@ -98,6 +99,9 @@ ACT8_MAX_BITS = 4  # at <= this many bits the dots use only the high digit: int8
 HIGH_UNIT, ONE_UNIT = np.float32(256.0), np.float32(1.0)  # weights of the high and low digits
 
 _POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, axis=1)  # [8, 64]
+# [b, p]: plane p's weight in codes q >> (8 - b) (the AVX2 GEMM's, <= 15 at b <= 4), 0 for p >= b
+_LOW_POWERS = np.array([[[(1 << (b - 1 - p)) if p < b else 0] * 64 for p in range(MAX_BITS)]
+                        for b in range(MAX_BITS + 1)], np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +174,18 @@ def _digit_arrays(R, md):
 
 
 @njit(cache=True)
+def _avx2_inputs(dig, md, gemm):
+    """The AVX2 kernels' forms of the digits (empty where those kernels are not compiled): the GEMV's
+    strided ones (_strided_digits) and, if gemm, the GEMM's int16 inputs in order (_int16_inputs)."""
+    x8, x16 = _strided_digits(dig, md)
+    return x8, x16, _int16_inputs(dig) if STRIDED and gemm else np.zeros((dig.shape[0], 0), np.int16)
+
+
+@njit(cache=True)
 def _strided_digits(dig, md):
     """The digits in the order the AVX2 GEMV reads them (simd._dot256): per block of 256 inputs, 8
     runs of 32 holding inputs 8k+j (j = run): high digits as int8 and 256 high + low as int16
-    [R, 256 * blocks] each, zero past the row. Empty where that GEMV is not compiled."""
+    [R, 256 * blocks] each, zero past the row."""
     R, n = dig.shape[0], md[3] * md[2]
     nblk = (md[3] + 1) // 2 if STRIDED and md[2] == 128 else 0
     x8, x16 = np.zeros((R, 256 * nblk), np.int8), np.zeros((R, 256 * nblk), np.int16)
@@ -452,9 +464,27 @@ def _gemv(ca, md, bits, mwq, X, X8, X16, Dsc, Dsum, o0, o1, w, coef, y):
     _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y)
 
 
+@njit(inline='always')
+def _gemm_dot(form, one, h, lo, q, qa, x, x16, npad):
+    """_dot2 of 64 codes (q, also at address qa) and a token's inputs: form 0 as _dot2; on AVX2
+    form 1 takes codes <= 15 (vpmaddubsw) and form 2 the int16 inputs at x16 (vpmaddwd), both
+    leaving the whole dot in h (flushed as one digit)."""
+    if STRIDED:
+        if form == 1:
+            return _dot_nibbles(h, q, x), lo
+        if form == 2:
+            return _dot_bytes(_dot_bytes(h, qa, x16), qa + 32, x16 + 64), lo
+    return _dot2(one, h, lo, q, x, npad)
+
+
 @njit(cache=True)
-def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off, qbuf, accs, y):
-    """y[i, o - o0] = W_b[o] . x_i for n tokens (digit rows drows[d0 + i]); codes built once."""
+def _gemm(ca, md, bits, mwq, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef, off, qbuf, accs, y):
+    """y[i, o - o0] = W_b[o] . x_i for n tokens (digit rows drows[d0 + i], int16 inputs x16); codes
+    built once."""
+    one = bits <= ACT8_MAX_BITS
+    form = 0 if not STRIDED else 1 if one and not mwq else 2 if not one else 0
+    if form == 1:  # codes q >> (8 - bits), so their coefficients take 2^(8 - bits)
+        w = _LOW_POWERS[bits]
     CA, W, C, OFF = _addr(ca), _addr(w), _addr(coef), _addr(off)
     G, ng, ngp, rbytes, poff, moff = md[2], md[3], md[4], md[5], md[6], md[7]
     npad, nch, gb = ng * G, G // 64, G // 8
@@ -463,8 +493,10 @@ def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off,
     w0, w1, w2, w3 = _qload(W), _qload(W + 64), _qload(W + 128), _qload(W + 192)
     w4, w5, w6, w7 = _qload(W + 256), _qload(W + 320), _qload(W + 384), _qload(W + 448)
     ncode = bits - 1 if mwq else 1
-    one = bits <= ACT8_MAX_BITS
     unit = HIGH_UNIT if one else ONE_UNIT
+    if form == 1:
+        unit *= np.float32(2 ** (MAX_BITS - bits))
+    X16, n16 = _addr(x16), x16.shape[1]
     Q, A = _addr(qbuf), _addr(accs)
     X, Dsc, Dsum = _addr(dig), _addr(dsc), _addr(dsum)
     for o in range(o0, o1):
@@ -498,16 +530,19 @@ def _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, w, coef, off,
                     h0, l0, h1, l1 = _izero(), _izero(), _izero(), _izero()
                     h2, l2, h3, l3 = _izero(), _izero(), _izero(), _izero()
                     for c in range(nch):
-                        q = _qload(Q + 64 * (k * nch + c))
-                        h0, l0 = _dot2(one, h0, l0, q, x0 + 64 * c, npad)
-                        h1, l1 = _dot2(one, h1, l1, q, x1 + 64 * c, npad)
-                        h2, l2 = _dot2(one, h2, l2, q, x2 + 64 * c, npad)
-                        h3, l3 = _dot2(one, h3, l3, q, x3 + 64 * c, npad)
+                        qa = Q + 64 * (k * nch + c)
+                        q = _qload(qa)
+                        Y = X16 + 2 * (g * G + 64 * c)  # + the token's row
+                        h0, l0 = _gemm_dot(form, one, h0, l0, q, qa, x0 + 64 * c, Y + 2 * n16 * r0, npad)
+                        h1, l1 = _gemm_dot(form, one, h1, l1, q, qa, x1 + 64 * c, Y + 2 * n16 * r1, npad)
+                        h2, l2 = _gemm_dot(form, one, h2, l2, q, qa, x2 + 64 * c, Y + 2 * n16 * r2, npad)
+                        h3, l3 = _gemm_dot(form, one, h3, l3, q, qa, x3 + 64 * c, Y + 2 * n16 * r3, npad)
                     ck = _ldf(C + 4 * (k * ngp + g)) * unit
-                    f0 = _fma_s(f0, _flush(one, h0, l0), ck * e0)
-                    f1 = _fma_s(f1, _flush(one, h1, l1), ck * e1)
-                    f2 = _fma_s(f2, _flush(one, h2, l2), ck * e2)
-                    f3 = _fma_s(f3, _flush(one, h3, l3), ck * e3)
+                    whole = one or form == 2
+                    f0 = _fma_s(f0, _flush(whole, h0, l0), ck * e0)
+                    f1 = _fma_s(f1, _flush(whole, h1, l1), ck * e1)
+                    f2 = _fma_s(f2, _flush(whole, h2, l2), ck * e2)
+                    f3 = _fma_s(f3, _flush(whole, h3, l3), ck * e3)
                 _fstore(f0, A + 64 * i0)
                 _fstore(f1, A + 64 * i1)
                 _fstore(f2, A + 64 * i2)
@@ -526,13 +561,13 @@ def _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, o
     if n == 1:
         r = drows[d0]
         X = _addr(dig) + 2 * md[3] * md[2] * r
-        x8, x16 = xs
+        x8, x16 = xs[0], xs[1]
         X8, X16 = _addr(x8) + x8.shape[1] * r, _addr(x16) + 2 * x16.shape[1] * r
         _gemv(ca, md, bits, mwq, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
               o0, o1, W, coef, y[0])
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
-        _gemm(ca, md, bits, mwq, dig, dsc, dsum, drows, d0, n, o0, o1, W, coef,
+        _gemm(ca, md, bits, mwq, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W, coef,
               np.empty(ngp, np.float32), qbuf, np.empty(16 * n, np.float32), y)
     for i in range(n):
         dst = out[orows[d0 + i]]
@@ -554,7 +589,7 @@ def _matmul_kernel(buf, starts, md, bits, mwq, x, W, out):
     ca = _addr(buf) + starts
     T = x.shape[0]
     dig, dsc, dsum = _digits_of(x, md)
-    xs = _strided_digits(dig, md)
+    xs = _avx2_inputs(dig, md, T > 1)
     rows = np.arange(T)
     ones = np.ones(T, np.float32)
     nblk = -(-md[0] // ROWS_PER_ITEM)
@@ -571,7 +606,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
     I2, D = md_gu[0], md_dn[0]
     inter = I2 // 2
     dig, dsc, dsum = _digits_of(x, md_gu)
-    xs = _strided_digits(dig, md_gu)
+    xs = _avx2_inputs(dig, md_gu, x.shape[0] > 1)
     pairs = np.arange(P)
     ones = np.ones(P, np.float32)
     hid = np.empty((P, I2), np.float32)
@@ -588,7 +623,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
             g = hid[k, i]
             act[k, i] = g / (np.float32(1.0) + np.exp(-g)) * hid[k, inter + i]
         _digit_row(act[k], md_dn[2], md_dn[3], dig[k], dsc[k], dsum[k])
-    xs = _strided_digits(dig, md_dn)
+    xs = _avx2_inputs(dig, md_dn, x.shape[0] > 1)
     for b in prange(-(-D // ROWS_PER_ITEM)):  # each item owns output columns: no write races
         o0 = b * ROWS_PER_ITEM
         for j in range(E):
