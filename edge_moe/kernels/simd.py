@@ -46,6 +46,7 @@ def _has(*names: str) -> bool:
 
 _VNNI = _has("+avx512vnni")
 _AVX2 = _has("+avx2")
+_F16C = _has("+f16c")
 _BYTE_MASKS = _has("+avx512bw")  # a 64-bit word is a byte-select mask register (kmovq)
 GFNI = _has("+gfni", "+avx512vbmi", "+avx512bw")  # _codes512 is compiled only where this holds
 STRIDED = _AVX2 and not GFNI  # the 256-bit transpose GEMV (_dot256) is compiled only where this holds
@@ -308,6 +309,20 @@ def _ldf(typingctx, a):
     return types.float32(types.intp), codegen
 
 
+def _half_to_float(builder, bits):
+    """fp16 bits [16] -> float32 with integer ops (no F16C: LLVM would call __extendhfsf2, which the
+    JIT does not link): the magnitude shifted into a float's fields is 2^-112 times the value,
+    subnormals included; then the sign. fp16 scales and minima are finite."""
+    i32 = ir.VectorType(_I32, 16)
+    u = builder.zext(bits, i32)
+    mag = builder.bitcast(builder.shl(builder.and_(u, _splat(builder, ir.Constant(_I32, 0x7FFF), i32)),
+                                      _splat(builder, ir.Constant(_I32, 13), i32)), _VF)
+    value = builder.bitcast(builder.fmul(mag, ir.Constant(_VF, [2.0 ** 112] * 16)), i32)
+    sign = builder.shl(builder.and_(u, _splat(builder, ir.Constant(_I32, 0x8000), i32)),
+                       _splat(builder, ir.Constant(_I32, 16), i32))
+    return builder.bitcast(builder.or_(value, sign), _VF)
+
+
 @intrinsic
 def _h2f(typingctx, a, n):
     """The first n (<= 16) fp16 values at address a as floats, zeros after (a masked load)."""
@@ -317,7 +332,9 @@ def _h2f(typingctx, a, n):
         mask = builder.icmp_signed("<", lanes, _splat(builder, n, ir.VectorType(_I64, 16)))
         h = _call(builder, "llvm.masked.load.v16f16.p0", _VH,
                   [_ptr(builder, a, _VH), ir.Constant(_I32, 2), mask, ir.Constant(_VH, [0.0] * 16)])
-        return builder.fpext(h, _VF)
+        if _F16C:
+            return builder.fpext(h, _VF)
+        return _half_to_float(builder, builder.bitcast(h, ir.VectorType(_I16, 16)))
     return _f32x16(types.intp, types.intp), codegen
 
 
