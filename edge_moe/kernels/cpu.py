@@ -21,11 +21,23 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   shuffle networks (7 straight-line instances compiled 2.5x slower for ~8% speed). Plane rows are
   prefetched 2 KB ahead. Every other case (mwq, other groups, no GFNI): each plane's 64-bit word is
   an AVX-512 byte mask added into q (b x kmovq + masked vpaddb per 64 weights).
+- GEMV, msb at group 128, on AVX2 without AVX-512 (simd.STRIDED): 256 weights per step. An 8x8 bit
+  transpose across the plane registers (three shift/xor/and stages on 16-bit lanes) gives 8 code
+  registers, register j holding weights 8k+j; the activations are copied once per call into that
+  strided order. Codes are q >> (8 - W) for width classes W = 2, 4, 8, so vpmaddubsw with int8
+  activations cannot saturate (W <= 4); W = 8 takes vpmaddwd with int16 ones. Zen 3, one thread,
+  4096x4096 with weights in cache: 5.1 / 6.6 / 14 ns per group of 128 at 2 / 4 / 8 bits (about
+  47 instructions per group at 4 bits, compute-bound: with 2 threads a Mixtral-size matrix reads
+  at about a third of DRAM bandwidth). Before it, byte masks by vpshufb + compare took 1.3-2x as
+  long, and LLVM's own lowering of the generic forms another 2-7x.
+- Dense matrices at 8 bits are byte codes (model.packed.ByteLinear): byte_matmul zero-extends them
+  and dots them with int16 activations (vpmaddwd), no transposition.
 - T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
   (mask adds) and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a
   layer in one numba call with two parallel loops: gate_up rows of every expert, then down rows
   (each work item owns output rows, so no atomics); expert_ffn and expert_ffn_units are that call
-  with one expert.
+  with one expert. On AVX2 the codes of <= 4 bits are built as q >> (8 - b) and dotted with
+  vpmaddubsw, wider ones with the int16 activations and vpmaddwd.
 Measured on the 2-core AVX-512 Xeon of issue 3 (cycles per group of 128 weights, one thread, N = 4096,
 weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py):
 - shuffle network: 9.6 / 11.8 / 17.1. Port 0 (vpdpbusd, vgf2p8affineqb, the flush) is the limit:
