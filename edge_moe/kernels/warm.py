@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_moe.kernels import cpu
 
-ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel)  # the numba functions the runtime calls from Python
+ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel)  # what the runtime calls
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
@@ -31,6 +31,8 @@ def call_every_kernel() -> None:
     x = rng.standard_normal((1, 128)).astype(np.float32)
     cpu.nested_matmul(layout, buf, "down", x, 4)
     cpu.expert_ffn(layout, buf, x, 4)
+    codes = np.zeros((8, 128), np.uint8)  # the dense part at 8 bits (model.packed.ByteLinear)
+    cpu.byte_matmul(codes, np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32), x)
 
 
 def _on_disk(dispatcher) -> bool:
@@ -59,7 +61,7 @@ def prepare() -> None:
     if _loaded:
         return
     if not compiled():
-        print("edge-moe: compiling the cpu kernels for this machine (once, about 30 s)", file=sys.stderr,
+        print("edge-moe: compiling the cpu kernels for this machine (once, 30-90 s)", file=sys.stderr,
               flush=True)
         # the child must compile these very files, whatever its working directory holds (a source
         # tree there shadowed an installed package and the child filled the wrong cache)
