@@ -73,7 +73,6 @@ from edge_moe.kernels.simd import (
     _dot_bytes,
     _dot_nibbles,
     _dpbusd,
-    _f8sum,
     _f8zero,
     _fload,
     _fma_pair,
@@ -341,6 +340,37 @@ def _row_msb512(NW, one, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, 
     return acc
 
 
+@njit(inline='always')
+def _plane_addrs(CA, poff, bits):
+    """Addresses of the 8 planes of a matrix (chunk addresses at CA); planes at or above bits alias
+    plane 0: the GEMVs read them, then mask them out."""
+    p0 = _ldi(CA) + poff
+    p1 = _ldi(CA + 8) + poff
+    p2 = _ldi(CA + 16) + poff if bits > 2 else p0
+    p3 = _ldi(CA + 24) + poff if bits > 3 else p0
+    p4 = _ldi(CA + 32) + poff if bits > 4 else p0
+    p5 = _ldi(CA + 40) + poff if bits > 5 else p0
+    p6 = _ldi(CA + 48) + poff if bits > 6 else p0
+    p7 = _ldi(CA + 56) + poff if bits > 7 else p0
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@njit(inline='always')
+def _prefetch_ahead(CA, md, bits, o, dist):
+    """Prefetch the planes of row o + dist and the first line of row o + 2 dist's fp16 scales and
+    minima (all its lines, for rows of up to 32 groups, cost more than they saved)."""
+    rb, poff, moff = md[5], md[6], md[7]
+    if o + dist < md[0]:
+        pa = (o + dist) * rb
+        for k in range(pa, pa + rb, 64):
+            for p in range(bits):
+                _prefetch(_ldi(CA + 8 * p) + poff + k)
+    if o + 2 * dist < md[0]:
+        ma = 2 * (o + 2 * dist) * md[3] + moff
+        _prefetch(_ldi(CA) + ma)
+        _prefetch(_ldi(CA + 8) + ma)
+
+
 @njit(cache=True)
 def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
     """_gemv for msb at group 128 with bits <= NW (a literal: 2, 4 or 8, the shuffle network's width),
@@ -353,25 +383,10 @@ def _gemv_msb128(NW, one, ca, md, bits, X, Dsc, Dsum, o0, o1, coef, y):
     ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
     npad, dist = ng * 128, -(-PREFETCH_BYTES // rb)
     unit, S = _act_form(one, Dsum, ngp)
-    p0 = _ldi(CA) + poff  # planes at or above bits alias plane 0: read, then masked out
-    p1 = _ldi(CA + 8) + poff
-    p2 = _ldi(CA + 16) + poff if bits > 2 else p0
-    p3 = _ldi(CA + 24) + poff if bits > 3 else p0
-    p4 = _ldi(CA + 32) + poff if bits > 4 else p0
-    p5 = _ldi(CA + 40) + poff if bits > 5 else p0
-    p6 = _ldi(CA + 48) + poff if bits > 6 else p0
-    p7 = _ldi(CA + 56) + poff if bits > 7 else p0
+    p0, p1, p2, p3, p4, p5, p6, p7 = _plane_addrs(CA, poff, bits)
     for o in range(o0, o1):
         yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, S, unit)
-        if o + dist < md[0]:
-            pa = (o + dist) * rb
-            for k in range(pa, pa + rb, 64):
-                for p in range(bits):
-                    _prefetch(_ldi(CA + 8 * p) + poff + k)
-        if o + 2 * dist < md[0]:  # the first line of the row's fp16 scales and minima, further ahead
-            ma = 2 * (o + 2 * dist) * ng + moff  # (all its lines up to 32 groups, N <= 4096: a loop
-            _prefetch(_ldi(CA) + ma)  # over the lines of longer rows cost more than it saved)
-            _prefetch(_ldi(CA + 8) + ma)
+        _prefetch_ahead(CA, md, bits, o, dist)
         acc = _row_msb512(NW, one, bits, o * rb, rb, X, C, npad, p0, p1, p2, p3, p4, p5, p6, p7)
         y[o - o0] = yo + _fsum(acc)
 
@@ -388,25 +403,11 @@ def _gemv_strided(W, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y):
     X = X8 if one else X16
     xstep = 256 if one else 512
     scale = np.float32(2 ** (MAX_BITS - W))  # the codes are q >> (8 - W)
-    p0, p1 = _ldi(CA) + poff, _ldi(CA + 8) + poff
-    p2 = _ldi(CA + 16) + poff if bits > 2 else p0
-    p3 = _ldi(CA + 24) + poff if bits > 3 else p0
-    p4 = _ldi(CA + 32) + poff if bits > 4 else p0
-    p5 = _ldi(CA + 40) + poff if bits > 5 else p0
-    p6 = _ldi(CA + 48) + poff if bits > 6 else p0
-    p7 = _ldi(CA + 56) + poff if bits > 7 else p0
+    p0, p1, p2, p3, p4, p5, p6, p7 = _plane_addrs(CA, poff, bits)
     full = ng // 2
     for o in range(o0, o1):
         yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, S, unit)
-        if o + dist < md[0]:
-            pa = (o + dist) * rb
-            for k in range(pa, pa + rb, 64):
-                for p in range(bits):
-                    _prefetch(_ldi(CA + 8 * p) + poff + k)
-        if o + 2 * dist < md[0]:
-            ma = 2 * (o + 2 * dist) * ng + moff
-            _prefetch(_ldi(CA) + ma)
-            _prefetch(_ldi(CA + 8) + ma)
+        _prefetch_ahead(CA, md, bits, o, dist)
         a = o * rb
         acc = _f8zero()
         for k in range(full):
@@ -415,7 +416,7 @@ def _gemv_strided(W, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y):
         if ng > 2 * full:  # a last lone group: C[ng] is padding, 0
             acc = _fma_pair(acc, _dot256(W, 16, bits, a + 32 * full, X + xstep * full,
                                          p0, p1, p2, p3, p4, p5, p6, p7), C + 8 * full)
-        y[o - o0] = yo + scale * _f8sum(acc)
+        y[o - o0] = yo + scale * _fsum(acc)
 
 
 @njit(cache=True)
@@ -494,7 +495,9 @@ def _gemm(ca, md, bits, mwq, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef,
     """y[i, o - o0] = W_b[o] . x_i for n tokens (digit rows drows[d0 + i], int16 inputs x16); codes
     built once."""
     one = bits <= ACT8_MAX_BITS
-    form = 0 if not STRIDED else 1 if one and not mwq else 2 if not one else 0
+    form = 0  # _gemm_dot: generic; on AVX2, 1 for msb codes <= 15, 2 for the int16 inputs
+    if STRIDED:
+        form = 2 if not one else 0 if mwq else 1
     if form == 1:  # codes q >> (8 - bits), so their coefficients take 2^(8 - bits)
         w = _LOW_POWERS[bits]
     CA, W, C, OFF = _addr(ca), _addr(w), _addr(coef), _addr(off)

@@ -163,18 +163,23 @@ def _dpbusd(typingctx, acc, q, a):
     return _i32x16(acc, q, types.intp), codegen
 
 
+def _pmaddwd32(builder, a, b):
+    """vpmaddwd of two int16 x 32 vectors on AVX2 (two 256-bit halves): int32 x 16, lane i holding
+    a[2i] b[2i] + a[2i+1] b[2i+1]."""
+    halves = [[builder.shuffle_vector(v, v, _lanes(16, k)) for v in (a, b)] for k in (0, 16)]
+    lo, hi = (_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), h) for h in halves)
+    return builder.shuffle_vector(lo, hi, _lanes(16))
+
+
 def _madd_wd(builder, acc, q, x):
-    """acc + the 64 products zext(q) * sext(x), summed in pairs by vpmaddwd into 16 int32 lanes each
-    holding 4 of them (not dpbusd's 4 adjacent ones: every caller sums all lanes of a group)."""
-    v16, parts = ir.VectorType(_I16, 16), []
-    for k in range(4):
-        lanes = ir.Constant(ir.VectorType(_I32, 16), list(range(16 * k, 16 * k + 16)))
-        qk = builder.zext(builder.shuffle_vector(q, ir.Constant(_VB, ir.Undefined), lanes), v16)
-        xk = builder.sext(builder.shuffle_vector(x, ir.Constant(_VB, ir.Undefined), lanes), v16)
-        parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [qk, xk]))
-    low = builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
-    high = builder.shuffle_vector(parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
-    return builder.add(acc, builder.add(low, high))
+    """acc + the 64 products zext(q) * sext(x), summed by vpmaddwd into 16 int32 lanes each holding
+    4 of them (not dpbusd's 4 adjacent ones: every caller sums all lanes of a group)."""
+    v16 = ir.VectorType(_I16, 32)
+    for k in (0, 32):
+        qk = builder.zext(builder.shuffle_vector(q, q, _lanes(32, k)), v16)
+        xk = builder.sext(builder.shuffle_vector(x, x, _lanes(32, k)), v16)
+        acc = builder.add(acc, _pmaddwd32(builder, qk, xk))
+    return acc
 
 
 @intrinsic
@@ -207,9 +212,7 @@ def _dot_bytes(typingctx, acc, q, x):
         if _BYTE_MASKS:
             d = _call(builder, "llvm.x86.avx512.pmaddw.d.512", _VI, [qw, xw])
         elif _AVX2:
-            halves = [[builder.shuffle_vector(v, v, _lanes(16, k)) for v in (qw, xw)] for k in (0, 16)]
-            lo, hi = (_call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), h) for h in halves)
-            d = builder.shuffle_vector(lo, hi, _lanes(16))
+            d = _pmaddwd32(builder, qw, xw)
         else:
             wide = ir.VectorType(_I32, 32)
             prod = builder.mul(builder.zext(qw, wide), builder.sext(xw, wide))
@@ -278,9 +281,14 @@ def _fstore(typingctx, v, a):
 
 @intrinsic
 def _fsum(typingctx, v):
+    """The sum of the lanes of a float vector (16 or 8 lanes)."""
+    if not isinstance(v, _Vec) or not isinstance(v.llty.element, ir.FloatType):
+        return None
+
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
-                                            "llvm.vector.reduce.fadd.v16f32")
+        vty = sig.args[0].llty
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, vty]),
+                                            f"llvm.vector.reduce.fadd.v{vty.count}f32")
         return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
     return types.float32(v), codegen
 
@@ -489,15 +497,15 @@ def _dot_int8(builder, codes, xb):
     acc = None
     for j, q in enumerate(codes):
         x = builder.load(_ptr(builder, builder.add(xb, ir.Constant(_I64, 32 * j)), _V32), align=1)
-        d = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), [q, x])
+        d = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), [q, x])
         acc = d if acc is None else builder.add(acc, d)
-    ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
+    ones = ir.Constant(ir.VectorType(_I16, 16), [1] * 16)
     return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [acc, ones])
 
 
 def _dot_int16(builder, codes, xb):
     """As _dot_int8 with int16 activations (16 per half register at xb + 64 j and + 32)."""
-    v16 = ir.VectorType(ir.IntType(16), 16)
+    v16 = ir.VectorType(_I16, 16)
     acc = [None, None]
     for j, q in enumerate(codes):
         for h in range(2):
@@ -542,12 +550,3 @@ def _fma_pair(typingctx, acc, v, c):
         coef = builder.shuffle_vector(pair, pair, ir.Constant(_V8I, [0, 0, 0, 0, 1, 1, 1, 1]))
         return _call(builder, "llvm.fma.v8f32", _V8F, [builder.sitofp(v, _V8F), coef, acc])
     return _f32x8(acc, v, types.intp), codegen
-
-
-@intrinsic
-def _f8sum(typingctx, v):
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F]),
-                                            "llvm.vector.reduce.fadd.v8f32")
-        return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
-    return types.float32(v), codegen

@@ -93,9 +93,15 @@ def pack_bytes(w: torch.Tensor, backend) -> ByteLinear:
         codes[r:r + len(q)] = q.reshape(len(q), -1)
         scale[r:r + len(q)], minimum[r:r + len(q)] = s, m
 
-    with ThreadPoolExecutor(PACK_THREADS) as pool:
-        list(pool.map(pack_block, range(0, o, ROWS_PER_BLOCK)))
+    _by_row_blocks(o, pack_block)
     return ByteLinear(codes, scale, minimum, n, backend)
+
+
+def _by_row_blocks(rows: int, pack_block) -> None:
+    """pack_block(r) for each block of ROWS_PER_BLOCK rows, on PACK_THREADS threads (numpy releases
+    the GIL in the heavy steps)."""
+    with ThreadPoolExecutor(PACK_THREADS) as pool:
+        list(pool.map(pack_block, range(0, rows, ROWS_PER_BLOCK)))
 
 
 def pack_linear(w: torch.Tensor, bits: int, backend) -> PackedLinear:
@@ -109,6 +115,5 @@ def pack_linear(w: torch.Tensor, bits: int, backend) -> PackedLinear:
     def pack_block(r: int) -> None:
         pack_rows(layout, buf, {"w": quantize(w[r:r + ROWS_PER_BLOCK].float().numpy(), SCHEME, GROUP)}, r)
 
-    with ThreadPoolExecutor(PACK_THREADS) as pool:  # numpy releases the GIL in the heavy steps
-        list(pool.map(pack_block, range(0, o, ROWS_PER_BLOCK)))
+    _by_row_blocks(o, pack_block)
     return PackedLinear(layout, buf, bits, backend)
