@@ -91,9 +91,10 @@ class Model:
                  dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
                  threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None):
-        """dense_bits: 4..8 packs the projections and LM head as nested bit-planes (cpu; default 8),
-        16 keeps them in `dense_dtype` (the default on cuda). streaming: a name of runtime.moe.STREAMING;
-        default HEBF, with next-layer prefetch where there are cores to spare (default_streaming)."""
+        """dense_bits: 4..8 packs the projections and LM head (cpu; default 8): byte or nibble codes at 8
+        and 4, nested bit-planes at 5-7; 16 keeps them in `dense_dtype` (the default on cuda).
+        streaming: a name of runtime.moe.STREAMING; default HEBF, with next-layer prefetch where there
+        are cores to spare (default_streaming)."""
         self.device = _check_device(device)
         backend = backend or default_backend(self.device)
         kernels = get_backend(backend)  # import (and load numba) before measuring the baseline

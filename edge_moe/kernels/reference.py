@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_moe.format.layout import ExpertLayout, from_units, unpack_matrix
-from edge_moe.format.nested import dequantize
+from edge_moe.format.nested import dequantize, nibbles_to_bytes
 
 
 def dequantized(layout: ExpertLayout, buf: np.ndarray, matrix: str, bits: int) -> torch.Tensor:
@@ -28,6 +28,11 @@ def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: to
     q = torch.from_numpy(codes.reshape(o, ng, -1)).float()
     w = (q * torch.from_numpy(scale)[..., None] + torch.from_numpy(minimum)[..., None]).reshape(o, -1)
     return x.float() @ w[:, :x.shape[1]].T
+
+
+def nibble_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """byte_matmul for W held as 4-bit codes, two per byte (nibbles_to_bytes)."""
+    return byte_matmul(nibbles_to_bytes(codes), scale, minimum, x)
 
 
 def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int) -> torch.Tensor:

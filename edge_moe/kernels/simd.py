@@ -222,6 +222,51 @@ def _dot_bytes(typingctx, acc, q, x):
     return _i32x16(acc, types.intp, types.intp), codegen
 
 
+def _maddubs(builder, q, x):
+    """vpmaddubsw of u8 q and s8 x (32 lanes each; exact while no pair sum passes 32767): int16 x 16,
+    lane i holding q[2i] x[2i] + q[2i+1] x[2i+1]; the portable form elsewhere."""
+    v16 = ir.VectorType(_I16, 16)
+    if _AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q, x])
+    prod = builder.mul(builder.zext(q, ir.VectorType(_I16, 32)), builder.sext(x, ir.VectorType(_I16, 32)))
+    pick = [ir.Constant(ir.VectorType(_I32, 16), list(range(k, 32, 2))) for k in (0, 1)]
+    return builder.add(*(builder.shuffle_vector(prod, prod, m) for m in pick))
+
+
+def _madd_ones(builder, h):
+    """Pairs of the int16 x 16 h summed into int32 x 8 (vpmaddwd with ones)."""
+    if _AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8),
+                     [h, ir.Constant(ir.VectorType(_I16, 16), [1] * 16)])
+    wide = builder.sext(h, ir.VectorType(_I32, 16))
+    pick = [ir.Constant(ir.VectorType(_I32, 8), list(range(k, 16, 2))) for k in (0, 1)]
+    return builder.add(*(builder.shuffle_vector(wide, wide, m) for m in pick))
+
+
+@intrinsic
+def _dot_nib128(typingctx, acc, q, x):
+    """acc + the dot of 128 nibble codes at q (64 bytes: per block of 32 weights, byte j holds weight j
+    in its low nibble and weight j + 16 in its high one, llama.cpp's Q4_0 order) with 128 int8 at x,
+    in int32 x 8. Per block: one 16-byte load into both halves, a per-dword
+    shift (vpsrlvd: 0 below, 4 above), an AND, vpmaddubsw; one vpmaddwd per 128 (4 x 2 x 15 x 128
+    fits int16)."""
+    def codegen(context, builder, sig, args):
+        acc, q, x = args
+        v16b, v8i = ir.VectorType(_I8, 16), ir.VectorType(_I32, 8)
+        shift = ir.Constant(v8i, [0, 0, 0, 0, 4, 4, 4, 4])
+        low, twice = _bytes_splat(0x0F), ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2)
+        h = None
+        for k in range(4):
+            half = builder.load(_ptr(builder, builder.add(q, ir.Constant(_I64, 16 * k)), v16b), align=1)
+            both = builder.bitcast(builder.shuffle_vector(half, half, twice), v8i)
+            codes = builder.and_(builder.bitcast(builder.lshr(both, shift), _V32), low)
+            xv = builder.load(_ptr(builder, builder.add(x, ir.Constant(_I64, 32 * k)), _V32), align=1)
+            d = _maddubs(builder, codes, xv)
+            h = d if h is None else builder.add(h, d)
+        return builder.add(acc, _madd_ones(builder, h))
+    return _i32x8(acc, types.intp, types.intp), codegen
+
+
 @intrinsic
 def _join_digits(typingctx, h, lo):
     """float((h << 8) + lo) lane-wise: the dot with the int16 activations."""
@@ -539,6 +584,20 @@ def _dot256(typingctx, width, nbytes, bits, a, xb, p0, p1, p2, p3, p4, p5, p6, p
 @intrinsic
 def _f8zero(typingctx):
     return _f32x8(), lambda context, builder, sig, args: ir.Constant(_V8F, [0.0] * 8)
+
+
+@intrinsic
+def _i8zero(typingctx):
+    return _i32x8(), lambda context, builder, sig, args: ir.Constant(_V8I, [0] * 8)
+
+
+@intrinsic
+def _fma8(typingctx, acc, v, c):
+    """acc + float(v) * c (a float32) over 8 lanes."""
+    def codegen(context, builder, sig, args):
+        acc, v, c = args
+        return _call(builder, "llvm.fma.v8f32", _V8F, [builder.sitofp(v, _V8F), _splat(builder, c, _V8F), acc])
+    return _f32x8(acc, v, types.float32), codegen
 
 
 @intrinsic

@@ -12,7 +12,8 @@ import numpy as np
 
 from edge_moe.kernels import cpu
 
-ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel)  # what the runtime calls
+ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
+                cpu._nibble_matmul_kernel)
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
@@ -31,8 +32,9 @@ def call_every_kernel() -> None:
     x = rng.standard_normal((1, 128)).astype(np.float32)
     cpu.nested_matmul(layout, buf, "down", x, 4)
     cpu.expert_ffn(layout, buf, x, 4)
-    codes = np.zeros((8, 128), np.uint8)  # the dense part at 8 bits (model.packed.ByteLinear)
-    cpu.byte_matmul(codes, np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32), x)
+    scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
+    cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
+    cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)
 
 
 def _on_disk(dispatcher) -> bool:

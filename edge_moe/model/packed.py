@@ -1,8 +1,8 @@
 """Dense matrices packed at load (`dense_bits`): the LM head and projections at 4-8 bits instead of
-bf16, halving or quartering the bytes each token reads. Below 8 bits they are nested bit-planes on
-the expert kernels; at 8 bits plain byte codes (ByteLinear): the dense part is never read at fewer
-bits, so it need not pay for the planes' transposition (on AVX2 the 8-bit plane GEMV was
-compute-bound at about a third of the read bandwidth)."""
+bf16, halving or quartering the bytes each token reads. At 4 and 8 bits they are plain codes, nibbles
+(NibbleLinear) or bytes (ByteLinear); at 5-7 nested bit-planes on the expert kernels. The dense part
+is never read at fewer bits, so it need not pay for the planes' transposition (on AVX2 the plane GEMV
+was compute-bound at about a third of the read bandwidth)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout, build_layout, pack_rows, unpack_matrix
-from edge_moe.format.nested import dequantize, msb_codes, quantize
+from edge_moe.format.nested import dequantize, msb_codes, nibbles_to_bytes, quantize, to_nibbles
 
 DENSE_BITS = (4, 5, 6, 7, 8, 16)  # 16: keep the file's bf16
 PACKED_SUFFIXES = (".q", ".k", ".v", ".o", ".shared_gate_up", ".shared_down", ".mlp_gate_up", ".mlp_down")
@@ -81,20 +81,44 @@ class ByteLinear(PackedLinear):
         return y.reshape(*lead, self.shape[0])
 
 
-def pack_bytes(w: torch.Tensor, backend) -> ByteLinear:
-    """Quantize W [O, N] to 8-bit byte codes, block of rows by block."""
+class NibbleLinear(ByteLinear):
+    """W [O, N] as 4-bit msb codes (the top 4 of the 8), two per byte in llama.cpp's Q4_0 order
+    (format.nested.to_nibbles), with float32 scale and minimum [O, ng] holding the 4-bit planes'
+    values: 16 s and min + 7.5 s."""
+
+    def __init__(self, codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, n: int, backend):
+        super().__init__(codes, scale, minimum, n, backend)
+        self.bits = 4
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        i = ids.cpu().numpy()
+        return ByteLinear(nibbles_to_bytes(self.codes[i]), self.scale[i], self.minimum[i], self.shape[1],
+                          self.backend).rows(torch.arange(len(i)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.backend.nibble_matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
+        return y.reshape(*lead, self.shape[0])
+
+
+def pack_codes(w: torch.Tensor, bits: int, backend) -> ByteLinear:
+    """Quantize W [O, N] to 8-bit byte codes (ByteLinear) or their top 4 bits as nibbles (NibbleLinear),
+    block of rows by block."""
     o, n = w.shape
     ng = -(-n // GROUP)
-    codes = np.zeros((o, ng * GROUP), np.uint8)
+    codes = np.zeros((o, ng * GROUP * bits // 8), np.uint8)
     scale, minimum = np.zeros((o, ng), np.float32), np.zeros((o, ng), np.float32)
 
     def pack_block(r: int) -> None:
         q, s, m = msb_codes(w[r:r + ROWS_PER_BLOCK].float().numpy(), GROUP)
+        s, m = s.astype(np.float32), m.astype(np.float32)
+        if bits == 4:  # the 4-bit planes' values (nested.group_coefficients), exactly
+            q, s, m = to_nibbles(q.reshape(len(q), -1) >> 4), s * np.float32(16), m + s * np.float32(7.5)
         codes[r:r + len(q)] = q.reshape(len(q), -1)
         scale[r:r + len(q)], minimum[r:r + len(q)] = s, m
 
     _by_row_blocks(o, pack_block)
-    return ByteLinear(codes, scale, minimum, n, backend)
+    return (NibbleLinear if bits == 4 else ByteLinear)(codes, scale, minimum, n, backend)
 
 
 def _by_row_blocks(rows: int, pack_block) -> None:
@@ -105,9 +129,10 @@ def _by_row_blocks(rows: int, pack_block) -> None:
 
 
 def pack_linear(w: torch.Tensor, bits: int, backend) -> PackedLinear:
-    """Quantize W [O, N] block of rows by block into a buffer holding `bits` chunks (byte codes at 8)."""
-    if bits == 8:
-        return pack_bytes(w, backend)
+    """Quantize W [O, N] block of rows by block: codes at 4 and 8 bits, else a buffer holding `bits`
+    chunks of nested planes."""
+    if bits in (4, 8):
+        return pack_codes(w, bits, backend)
     o, n = w.shape
     layout = build_layout({"w": (o, n)}, SCHEME, GROUP)
     buf = np.zeros(layout.bytes_for_bits(bits), dtype=np.uint8)

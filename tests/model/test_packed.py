@@ -12,6 +12,7 @@ from edge_moe.format.layout import build_layout, pack_expert, unpack_matrix
 from edge_moe.format.nested import dequantize, quantize
 from edge_moe.kernels import cpu, reference
 from edge_moe.model import packed
+from tests.kernels.test_cpu_kernels import q8
 from tests.tolerances import KERNEL_INT16_ACT_REL
 
 ROWS, N = 300, 160  # neither a multiple of the row block (set to 128 below) nor of the group
@@ -28,7 +29,7 @@ def oracle(w: torch.Tensor, bits: int) -> np.ndarray:
     return dequantize(quantize(w.float().numpy(), packed.SCHEME, packed.GROUP), bits)
 
 
-@pytest.mark.parametrize("bits", [4, 6, 7])
+@pytest.mark.parametrize("bits", [5, 6, 7])
 def test_block_packing_equals_whole_matrix(weight, bits, monkeypatch):
     monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
     p = packed.pack_linear(weight, bits, reference)
@@ -56,13 +57,37 @@ def test_8_bits_are_byte_codes_of_the_whole_matrix(weight, monkeypatch):
     assert p.nbytes == ROWS * (2 * 128 + 2 * 2 * 4)
 
 
+def test_4_bits_are_nibble_codes_of_the_whole_matrix(weight, monkeypatch):
+    """At 4 bits the codes are the top 4 bits of the whole matrix's planes, two per byte in Q4_0 order
+    (byte j of a block of 32: weight j low, weight j + 16 high), with the 4-bit planes' scale and
+    offset; rows dequantize exactly as the 4 planes do."""
+    monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
+    p = packed.pack_linear(weight, 4, reference)
+    assert isinstance(p, packed.NibbleLinear)
+    m = quantize(weight.float().numpy(), packed.SCHEME, packed.GROUP)
+    planes = np.unpackbits(m.planes, axis=-1, bitorder="little")  # [8, O, Npad]
+    top4 = sum(planes[k].astype(np.uint8) << (3 - k) for k in range(4))  # [O, Npad]
+    want = np.zeros((ROWS, top4.shape[1] // 2), np.uint8)
+    for b in range(0, top4.shape[1], 32):
+        for j in range(16):
+            want[:, b // 2 + j] = top4[:, b + j] | (top4[:, b + 16 + j] << 4)
+    np.testing.assert_array_equal(p.codes, want)
+    s = m.scale.astype(np.float32)
+    np.testing.assert_array_equal(p.scale, 16 * s)
+    np.testing.assert_array_equal(p.minimum, m.minimum.astype(np.float32) + 7.5 * s)
+    ids = torch.tensor([299, 0, 7, 7])
+    np.testing.assert_array_equal(p.rows(ids).numpy(), oracle(weight, 4)[ids.numpy()])
+
+
 @pytest.mark.parametrize("backend", [reference, cpu], ids=lambda b: b.__name__.rsplit(".", 1)[-1])
 @pytest.mark.parametrize("t", [1, 5])
-@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 def test_matmul_and_rows_match_dequantized(weight, backend, t, bits):
+    """At 4 bits the cpu backend takes int8 activations, so its oracle gets q8(x), as the planes' does."""
     p = packed.pack_linear(weight, bits, backend)
     x = torch.from_numpy(np.random.default_rng(t).standard_normal((2, t, N)).astype(np.float32))
-    want = x.numpy() @ oracle(weight, bits).T
+    xq = q8(x.numpy(), packed.GROUP) if backend is cpu and bits <= cpu.ACT8_MAX_BITS else x.numpy()
+    want = xq @ oracle(weight, bits).T
     got = p(x).numpy()
     assert got.shape == (2, t, ROWS)
     assert np.abs(got - want).max() / np.abs(want).max() < KERNEL_INT16_ACT_REL
@@ -70,10 +95,13 @@ def test_matmul_and_rows_match_dequantized(weight, backend, t, bits):
     np.testing.assert_allclose(p.rows(ids).numpy(), oracle(weight, bits)[ids.numpy()], rtol=0, atol=1e-7)
 
 
-def test_byte_matmul_refuses_a_misshapen_input(weight):
-    p = packed.pack_linear(weight, 8, cpu)
-    with pytest.raises(UsageError, match="do not fit"):
-        cpu.byte_matmul(p.codes, p.scale, p.minimum, torch.zeros(1, N + 128))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_code_matmuls_refuse_a_misshapen_input(weight, bits):
+    p = packed.pack_linear(weight, bits, cpu)
+    matmul = cpu.nibble_matmul if bits == 4 else cpu.byte_matmul
+    for n in (N + 128, N - 40):
+        with pytest.raises(UsageError, match="do not fit"):
+            matmul(p.codes, p.scale, p.minimum, torch.zeros(1, n))
 
 
 def test_what_is_packed():
