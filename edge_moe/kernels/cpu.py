@@ -798,33 +798,29 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
 
 def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """y [T, O] = x [T, N] @ W.T for W as 8-bit byte codes (see reference.byte_matmul)."""
-    o, ng = scale.shape
-    group = codes.shape[1] // ng
-    xs = _as_x(x, x.shape[-1])
-    if codes.dtype != np.uint8 or codes.shape[0] != o or group % 32 or xs.shape[1] > codes.shape[1] or \
-            xs.shape[1] <= codes.shape[1] - group:
-        raise UsageError(f"byte codes {codes.dtype} {codes.shape} with scales {scale.shape} "
-                         f"do not fit x {tuple(xs.shape)}")
-    md = np.array([o, xs.shape[1], group, ng, -(-ng // 16) * 16, 0, 0, 0], np.int64)
-    out = np.zeros((xs.shape[0], o), dtype=np.float32)
-    if xs.shape[0]:
-        _byte_matmul_kernel(codes, scale, minimum, xs, md, out)
-    return torch.from_numpy(out)
+    return _code_matmul(_byte_matmul_kernel, "byte", 1, 32, codes, scale, minimum, x)
 
 
 def nibble_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """y [T, O] = x [T, N] @ W.T for W as 4-bit nibble codes (see reference.nibble_matmul)."""
+    return _code_matmul(_nibble_matmul_kernel, "nibble", 2, 128, codes, scale, minimum, x)
+
+
+def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, minimum, x) -> torch.Tensor:
+    """x @ W.T on `kernel` for W as codes [O, ng*G / per_byte] with scale and minimum [O, ng]; G a
+    multiple of unit, and x [T, N] must end in the last group."""
     o, ng = scale.shape
-    group = 2 * codes.shape[1] // ng
+    width = per_byte * codes.shape[1]
+    group = width // ng
     xs = _as_x(x, x.shape[-1])
-    if codes.dtype != np.uint8 or codes.shape[0] != o or group % 128 or xs.shape[1] > 2 * codes.shape[1] or \
-            xs.shape[1] <= 2 * codes.shape[1] - group:
-        raise UsageError(f"nibble codes {codes.dtype} {codes.shape} with scales {scale.shape} "
+    fits = width - group < xs.shape[1] <= width
+    if codes.dtype != np.uint8 or codes.shape[0] != o or group % unit or not fits:
+        raise UsageError(f"{what} codes {codes.dtype} {codes.shape} with scales {scale.shape} "
                          f"do not fit x {tuple(xs.shape)}")
     md = np.array([o, xs.shape[1], group, ng, -(-ng // 16) * 16, 0, 0, 0], np.int64)
     out = np.zeros((xs.shape[0], o), dtype=np.float32)
     if xs.shape[0]:
-        _nibble_matmul_kernel(codes, scale, minimum, xs, md, out)
+        kernel(codes, scale, minimum, xs, md, out)
     return torch.from_numpy(out)
 
 

@@ -60,24 +60,31 @@ class ByteLinear(PackedLinear):
     """W [O, N] as 8-bit msb codes [O, ng*G] with float32 scale and minimum [O, ng] (the same values
     as the 8-bit planes of `quantize`); called as x @ W.T."""
 
+    bits, matmul = 8, "byte_matmul"  # the backend op
+
     def __init__(self, codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, n: int, backend):
         self.codes, self.scale, self.minimum, self.backend = codes, scale, minimum, backend
-        self.shape, self.bits = (codes.shape[0], n), 8
+        self.shape = (codes.shape[0], n)
 
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
 
+    def byte_codes(self, i: np.ndarray) -> np.ndarray:
+        """The codes of rows i, one per byte [len(i), ng*G]."""
+        return self.codes[i]
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         i = ids.cpu().numpy()
         o, ng = len(i), self.scale.shape[1]
-        q = self.codes[i].reshape(o, ng, -1).astype(np.float32)
+        q = self.byte_codes(i).reshape(o, ng, -1).astype(np.float32)
         w = q * self.scale[i][..., None] + self.minimum[i][..., None]
         return torch.from_numpy(np.ascontiguousarray(w.reshape(o, -1)[:, :self.shape[1]]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self.backend.byte_matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
+        matmul = getattr(self.backend, self.matmul)
+        y = matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
         return y.reshape(*lead, self.shape[0])
 
 
@@ -86,19 +93,10 @@ class NibbleLinear(ByteLinear):
     (format.nested.to_nibbles), with float32 scale and minimum [O, ng] holding the 4-bit planes'
     values: 16 s and min + 7.5 s."""
 
-    def __init__(self, codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, n: int, backend):
-        super().__init__(codes, scale, minimum, n, backend)
-        self.bits = 4
+    bits, matmul = 4, "nibble_matmul"
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        i = ids.cpu().numpy()
-        return ByteLinear(nibbles_to_bytes(self.codes[i]), self.scale[i], self.minimum[i], self.shape[1],
-                          self.backend).rows(torch.arange(len(i)))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = self.backend.nibble_matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
-        return y.reshape(*lead, self.shape[0])
+    def byte_codes(self, i: np.ndarray) -> np.ndarray:
+        return nibbles_to_bytes(self.codes[i])
 
 
 def pack_codes(w: torch.Tensor, bits: int, backend) -> ByteLinear:
