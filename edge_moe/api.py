@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,16 @@ def _set_threads(threads: int | None, cfg: ModelConfig) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _rewrite(kernels, layout, arena, resident: bool):
+    """The cache's rewrite: experts run at 3-4 bits into the cpu kernels' nibble form (runtime.moe.
+    NIBBLE_BITS), where the kernels have it and every chunk stays resident. Streamed experts keep the
+    file's planes: their time goes to reads, and there is no way back once chunk 3 is evicted."""
+    if resident and isinstance(arena, HostArena) and getattr(kernels, "nibble_form", None) \
+            and kernels.nibble_form(layout):
+        return partial(kernels.to_nibble_form, layout, arena.data)
+    return None
+
+
 class Model:
     """A loaded .emoe model: dense part resident, experts streamed by level through a budgeted cache."""
 
@@ -131,9 +142,10 @@ class Model:
         eviction, prefetch, keep = STREAMING[streaming]
         arena = (DeviceArena(units, self.layout.unit_bytes, self.device) if self.device.type == "cuda"
                  else HostArena(units, self.layout.unit_bytes))
-        self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction)
-        self.reader = Reader(self.container, self.cache, verify=verify)
         every_level = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
+        self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction,
+                                 rewrite=_rewrite(kernels, self.layout, arena, keep and units >= every_level))
+        self.reader = Reader(self.container, self.cache, verify=verify)
         if prefetch and memory_budget is not None and len(arena) >= every_level:
             self.reader.fill()  # speculative reads are on and the budget holds every level: read them all
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}

@@ -154,7 +154,8 @@ def preload_all(m) -> None:
 def time_bits(m, prompt: list[int], bits: int, args) -> dict:
     """Rates ((new_tokens - 1) / decode_s: token 1 comes from the prefill), expert ms per decode
     token, and bytes read from the file while timed (0 when every weight is resident)."""
-    list(m.generate_ids(prompt, max_tokens=4, bits=bits))  # warm-up
+    list(m.generate_ids(prompt, max_tokens=args.tokens + 1, bits=bits))  # warm-up: every expert used once
+    # (on AVX2 the first use at 3-4 bits rewrites an expert into the kernels' nibble form)
     list(m.generate_ids(prompt, max_tokens=1, bits=bits))  # prefill only: its expert time
     prefill_expert_s = m.stats["expert_compute_s"]
     rates, expert_ms, read = [], [], 0
@@ -168,22 +169,21 @@ def time_bits(m, prompt: list[int], bits: int, args) -> dict:
 
 
 def edge_moe_bench(path: Path, args) -> tuple[dict[tuple[int, int], dict], str]:
-    """{(expert bits, dense bits): timings and the resident dense bytes}, one load per dense width."""
+    """{(expert bits, dense bits): timings and the resident dense bytes}, one load per row (the form
+    resident experts are held in depends on the widths they ran at: api._rewrite)."""
     import edge_moe
 
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
     out, backend = {}, ""
-    for dense in dict.fromkeys(d for _, d in configs):
+    for bits, dense in configs:
         with edge_moe.load(path, backend="cpu", dense_bits=dense) as m:
             preload_all(m)
             m.eos_ids = set()  # always decode --tokens tokens
             prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, size=max(args.depth, 1)).tolist()
             backend = m.pipeline.backend.__name__
             dense_bytes = sum(t.nbytes for t in m.decoder.w.values())
-            for bits, d in configs:
-                if d == dense:
-                    out[bits, d] = {**time_bits(m, prompt, bits, args), "dense_bytes": dense_bytes}
-    return {c: out[c] for c in configs}, backend
+            out[bits, dense] = {**time_bits(m, prompt, bits, args), "dense_bytes": dense_bytes}
+    return out, backend
 
 
 def row(engine: str, weights: str, gb: float, rates: list[float], ref: float | None, note: str) -> str:

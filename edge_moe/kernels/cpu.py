@@ -73,6 +73,7 @@ from edge_moe.kernels.simd import (
     _addr,
     _codes512,
     _dot256,
+    _dot256_low,
     _dot_bytes,
     _dot_nib128,
     _dot_nibbles,
@@ -97,6 +98,7 @@ from edge_moe.kernels.simd import (
     _join_digits,
     _ldf,
     _ldi,
+    _nib_codes64,
     _prefetch,
     _qload,
     _qload_n,
@@ -110,6 +112,7 @@ XDIGIT_MAX = 127 * 256  # |x / d| bound: both balanced base-256 digits fit in in
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
 ROWS_PER_ITEM = 64  # output rows per parallel work item
 PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
+NIBBLE_PREFETCH_BYTES = 2048
 DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
 NOGF = False
 ACT8_MAX_BITS = 4  # at <= this many bits the dots use only the high digit: int8 activations (Q8)
@@ -425,6 +428,71 @@ def _gemv_strided(W, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y):
         y[o - o0] = yo + scale * _fsum(acc)
 
 
+@njit(inline='always')
+def _nibble_addr(CA, poff, rb, o):
+    """Address of row o's nibble codes in an expert held in nibble form (to_nibble_form): the rows
+    4k..4k+3 take the bytes their 4 planes held, row 4k+j in chunk j."""
+    return _ldi(CA + 8 * (o & 3)) + poff + (o - (o & 3)) * rb
+
+
+@njit(inline='always')
+def _prefetch_nibble_row(CA, md, bits, o):
+    """Prefetch row o's nibble codes, its planes 4.. (bits > 4) and the first line of its metadata."""
+    if o < md[0]:
+        rb, poff = md[5], md[6]
+        q = _nibble_addr(CA, poff, rb, o)
+        for k in range(0, 4 * rb, 64):
+            _prefetch(q + k)
+        for p in range(4, bits):
+            for k in range(o * rb, o * rb + rb, 64):
+                _prefetch(_ldi(CA + 8 * p) + poff + k)
+        ma = 2 * o * md[3] + md[7]
+        _prefetch(_ldi(CA) + ma)
+        _prefetch(_ldi(CA + 8) + ma)
+
+
+@njit(cache=True)
+def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, y):
+    """_gemv for an msb expert held in nibble form (group 128, on AVX2): the top 4 bits of each code
+    from its nibble (masked to the top bits below 4 bits) and, above 4 bits, the rest from planes
+    4..bits-1 (simd._dot256_low, strided int16 activations X16) in the same group sums.
+    q = 16 n + r: int8 activations (bits <= 4) give C[g] * 16 (n . h); int16 ones
+    C[g] * (4096 (n . h) + 16 (n . l)) + C[g] * (r . x16)."""
+    CA, C = _addr(ca), _addr(coef)
+    ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
+    npad, dist = ng * 128, -(-NIBBLE_PREFETCH_BYTES // (4 * rb))
+    one = bits <= ACT8_MAX_BITS
+    unit, S = _act_form(one, Dsum, ngp)
+    mask = (0xF0 >> min(bits, 4)) & 0x0F
+    p4 = _ldi(CA + 32) + poff if bits > 4 else 0
+    p5 = _ldi(CA + 40) + poff if bits > 5 else p4
+    p6 = _ldi(CA + 48) + poff if bits > 6 else p4
+    p7 = _ldi(CA + 56) + poff if bits > 7 else p4
+    full = ng // 2
+    for o in range(o0, o1):
+        yo = _coefs(CA, moff, ng, ngp, bits, False, o, C, 0, Dsc, S, unit)
+        _prefetch_nibble_row(CA, md, bits, o + dist)
+        q = _nibble_addr(CA, poff, rb, o)
+        acc = _f8zero()
+        if one:
+            for g in range(ng):
+                acc = _fma8(acc, _dot_nib128(_i8zero(), q + 64 * g, X + 128 * g, mask),
+                            _ldf(C + 4 * g) * np.float32(16.0))
+        else:
+            for g in range(ng):
+                c, qg = _ldf(C + 4 * g), q + 64 * g
+                acc = _fma8(acc, _dot_nib128(_i8zero(), qg, X + 128 * g, 15), c * np.float32(4096.0))
+                acc = _fma8(acc, _dot_nib128(_i8zero(), qg, X + npad + 128 * g, 15), c * np.float32(16.0))
+            a = o * rb
+            for k in range(full):
+                low = _dot256_low(32, bits - 4, a + 32 * k, X16 + 512 * k, p4, p5, p6, p7)
+                acc = _fma_pair(acc, low, C + 8 * k)
+            if ng > 2 * full:
+                low = _dot256_low(16, bits - 4, a + 32 * full, X16 + 512 * full, p4, p5, p6, p7)
+                acc = _fma_pair(acc, low, C + 8 * full)
+        y[o - o0] = yo + _fsum(acc)
+
+
 @njit(cache=True)
 def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     """_gemv for every scheme and group: codes built 64 at a time by masked byte adds."""
@@ -459,10 +527,13 @@ def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
 
 
 @njit(cache=True)
-def _gemv(ca, md, bits, mwq, X, X8, X16, Dsc, Dsum, o0, o1, w, coef, y):
+def _gemv(ca, md, bits, mwq, nib, X, X8, X16, Dsc, Dsum, o0, o1, w, coef, y):
     """y[o - o0] = W_b[o] . x for one token: X digits, X8 / X16 strided digits, Dsc scales, Dsum sums
-    (addresses)."""
+    (addresses); nib: the expert is held in nibble form (only where STRIDED: nibble_form)."""
     if STRIDED:  # a constant, as GFNI
+        if nib:
+            _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, y)
+            return
         if md[2] == 128 and not mwq:
             if bits == 2:
                 _gemv_strided(2, ca, md, bits, X8, X16, Dsc, Dsum, o0, o1, coef, y)
@@ -496,10 +567,28 @@ def _gemm_dot(form, one, h, lo, q, qa, x, x16, npad):
     return _dot2(one, h, lo, q, x, npad)
 
 
+@njit(inline='always')
+def _nibble_codes(q, a, bits, form, CA, poff, w4, w5, w6, w7):
+    """_qbuild's 64 codes for an expert in nibble form: the nibbles at q (the top 4 bits; as numbers
+    q >> (8 - bits) in form 1) plus planes 4..bits-1 at offset a."""
+    if form == 1:
+        return _nib_codes64(q, 15, 8 - bits)
+    c = _nib_codes64(q, (0xF0 >> min(bits, 4)) & 0x0F, 0)
+    if bits > 4:
+        c = _qmask_add(c, _ldi(CA + 32) + poff + a, w4)
+        if bits > 5:
+            c = _qmask_add(c, _ldi(CA + 40) + poff + a, w5)
+            if bits > 6:
+                c = _qmask_add(c, _ldi(CA + 48) + poff + a, w6)
+                if bits > 7:
+                    c = _qmask_add(c, _ldi(CA + 56) + poff + a, w7)
+    return c
+
+
 @njit(cache=True)
-def _gemm(ca, md, bits, mwq, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef, off, qbuf, accs, y):
+def _gemm(ca, md, bits, mwq, nib, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef, off, qbuf, accs, y):
     """y[i, o - o0] = W_b[o] . x_i for n tokens (digit rows drows[d0 + i], int16 inputs x16); codes
-    built once."""
+    built once (nib: from an expert in nibble form)."""
     one = bits <= ACT8_MAX_BITS
     form = 0  # _gemm_dot: generic; on AVX2, 1 for msb codes <= 15, 2 for the int16 inputs
     if STRIDED:
@@ -528,9 +617,14 @@ def _gemm(ca, md, bits, mwq, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef,
             for g0 in range(0, ng, 16):
                 voff = _fma_v(voff, _fload(OFF + 4 * g0), _fload(Dsum + 4 * ((2 * r + one) * ngp + g0)))
             _fstore(voff, A + 64 * i)
+        qn = _nibble_addr(CA, poff, rbytes, o) if nib else 0
         for g in range(ng):
             a = o * rbytes + g * gb
             for c in range(nch):
+                if nib:
+                    _qstore(_nibble_codes(qn + 4 * (a + 8 * c - o * rbytes), a + 8 * c, bits, form, CA, poff,
+                                          w4, w5, w6, w7), Q + 64 * c)
+                    continue
                 b = 2 if mwq else bits
                 _qstore(_qbuild(a + 8 * c, b, p0, p1, p2, p3, p4, p5, p6, p7,
                                 w0, w1, w2, w3, w4, w5, w6, w7), Q + 64 * c)
@@ -573,7 +667,7 @@ def _gemm(ca, md, bits, mwq, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, coef,
 
 
 @njit(cache=True)
-def _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
+def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
     """Rows o0..o1 of one matrix for n tokens; out[orows[d0+i], o] (+)= oscale[d0+i] * y."""
     # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
     ngp = md[4]
@@ -584,11 +678,11 @@ def _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, o
         X = _addr(dig) + 2 * md[3] * md[2] * r
         x8, x16 = xs[0], xs[1]
         X8, X16 = _addr(x8) + x8.shape[1] * r, _addr(x16) + 2 * x16.shape[1] * r
-        _gemv(ca, md, bits, mwq, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
+        _gemv(ca, md, bits, mwq, nib, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
               o0, o1, W, coef, y[0])
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
-        _gemm(ca, md, bits, mwq, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W, coef,
+        _gemm(ca, md, bits, mwq, nib, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W, coef,
               np.empty(ngp, np.float32), qbuf, np.empty(16 * n, np.float32), y)
     for i in range(n):
         dst = out[orows[d0 + i]]
@@ -616,13 +710,14 @@ def _matmul_kernel(buf, starts, md, bits, mwq, x, W, out):
     nblk = -(-md[0] // ROWS_PER_ITEM)
     for b in prange(nblk):
         o0 = b * ROWS_PER_ITEM
-        _rows(ca, md, bits, mwq, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
+        _rows(ca, md, bits, mwq, False, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
               W, out, rows, ones, False)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
-    """out[t] += sum_j weights * down_j(silu(gate_j(x_t)) * up_j(x_t)) over routed experts j."""
+def _ffn_kernel(cas, bits, nibs, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
+    """out[t] += sum_j weights * down_j(silu(gate_j(x_t)) * up_j(x_t)) over routed experts j (nibs[j]:
+    held in nibble form)."""
     E, P = cas.shape[0], ptr[cas.shape[0]]
     I2, D = md_gu[0], md_dn[0]
     inter = I2 // 2
@@ -635,7 +730,7 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
     for it in prange(E * nb):  # expert-interleaved, so both threads see every expert's bits
         j, o0 = it % E, (it // E) * ROWS_PER_ITEM
         if ptr[j + 1] > ptr[j]:
-            _rows(cas[j], md_gu, bits[j], mwq, dig, xs, dsc, dsum, tokens, ptr[j], ptr[j + 1] - ptr[j],
+            _rows(cas[j], md_gu, bits[j], mwq, nibs[j], dig, xs, dsc, dsum, tokens, ptr[j], ptr[j + 1] - ptr[j],
                   o0, min(I2, o0 + ROWS_PER_ITEM), W, hid, pairs, ones, False)
     act = np.empty((P, inter), np.float32)
     dig, dsc, dsum = _digit_arrays(P, md_dn)
@@ -649,8 +744,8 @@ def _ffn_kernel(cas, bits, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out):
         o0 = b * ROWS_PER_ITEM
         for j in range(E):
             if ptr[j + 1] > ptr[j]:
-                _rows(cas[j], md_dn, bits[j], mwq, dig, xs, dsc, dsum, pairs, ptr[j], ptr[j + 1] - ptr[j],
-                      o0, min(D, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
+                _rows(cas[j], md_dn, bits[j], mwq, nibs[j], dig, xs, dsc, dsum, pairs, ptr[j],
+                      ptr[j + 1] - ptr[j], o0, min(D, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
 
 
 @njit(cache=True)
@@ -685,7 +780,7 @@ def _nibble_row(Q, X, S, M, DS, DSUM, ng, G):
     for g in range(ng):
         h = _i8zero()
         for c in range(g * G, g * G + G, 128):
-            h = _dot_nib128(h, Q + c // 2, X + c)
+            h = _dot_nib128(h, Q + c // 2, X + c, 15)
         acc = _fma8(acc, h, _ldf(S + 4 * g) * _ldf(DS + 4 * g) * HIGH_UNIT)
         off += _ldf(M + 4 * g) * _ldf(DSUM + 4 * g)
     return _fsum(acc) + off
@@ -724,6 +819,55 @@ def _nibble_matmul_kernel(codes, scale, minimum, x, md, out):
     dig, dsc, dsum = _digits_of(x, md)
     _code_rows(True, codes, scale, minimum, _addr(dig), dig.strides[0], dsc, _addr(dsum) + 4 * dsc.shape[1],
                x.shape[0], md, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nibble form of a resident msb expert: planes 0-3 rewritten in place as 4-bit codes.
+
+_SPREAD = np.array([sum(((b >> j) & 1) << (8 * j) for j in range(8)) for b in range(256)], np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def _to_nibbles(arena, units, md, spread):
+    """Planes 0-3 of matrix md in arena units[0..3] -> nibble rows (_nibble_addr): per 4 rows the same
+    bytes, so the rewrite is in place. Per 32 weights, byte j = code j | code j + 16 << 4."""
+    rb, poff = md[5], md[6]
+    planes = np.empty((4, 4 * rb), np.uint8)
+    for k in range(md[0] // 4):
+        s = poff + 4 * k * rb
+        for p in range(4):
+            planes[p] = arena[units[p], s:s + 4 * rb]
+        for j in range(4):
+            dst = arena[units[j], s:s + 4 * rb]
+            for b in range(rb // 4):
+                for half in range(2):  # out bytes 16b + 8 half + i: weights 32b + 8 half + i (low), + 16 (high)
+                    v = np.uint64(0)
+                    for p in range(4):
+                        src = planes[p, j * rb + 4 * b + half:]
+                        v |= (spread[src[0]] << np.uint64(3 - p)) | (spread[src[2]] << np.uint64(7 - p))
+                    for i in range(8):
+                        dst[16 * b + 8 * half + i] = np.uint8((v >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+def nibble_form(layout: ExpertLayout) -> bool:
+    """Whether resident experts of this layout run faster rewritten in nibble form (to_nibble_form):
+    msb at group 128 on AVX2 without AVX-512 (simd.STRIDED), where the plane GEMV is bound by its bit
+    transpose; every row count a multiple of 4."""
+    return (STRIDED and layout.scheme == "msb" and layout.group == 128
+            and all(o % 4 == 0 for _, (o, _n) in layout.matrices))
+
+
+def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -> None:
+    """Rewrite planes 0-3 of an expert held in arena units (its chunks 0..3) as nibble codes, in place;
+    its metadata and planes 4.. are unchanged. Kernels then take it with nibble=True (there is no way
+    back: the runtime rewrites only experts that stay resident)."""
+    units = np.asarray(units, dtype=np.int64)[:4]
+    if not nibble_form(layout) or len(units) < 4 or (units < 0).any() or arena.dtype != np.uint8:
+        raise UsageError(f"no nibble form for this layout on this CPU, or units {units} lack chunks 0..3")
+    for md in _plan(layout).md.values():
+        _to_nibbles(arena, units, md, _SPREAD)
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,12 +968,13 @@ def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, mini
     return torch.from_numpy(out)
 
 
-def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights) -> np.ndarray:
+def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights, nibble=None) -> np.ndarray:
     md_gu, md_dn = plan.md["gate_up"], plan.md["down"]
     xs = _as_x(x, int(md_gu[1]))
     out = np.zeros((xs.shape[0], int(md_dn[0])), dtype=np.float32)
+    nibs = np.zeros(len(cas), np.bool_) if nibble is None else np.asarray(nibble, np.bool_)
     if len(cas) and xs.shape[0]:
-        _ffn_kernel(cas, np.asarray(bits, np.int64), plan.mwq, xs, np.asarray(ptr, np.int64),
+        _ffn_kernel(cas, np.asarray(bits, np.int64), nibs, plan.mwq, xs, np.asarray(ptr, np.int64),
                     np.asarray(tokens, np.int64), np.asarray(weights, np.float32), md_gu, md_dn, _POWERS, out)
     return out
 
@@ -860,19 +1005,24 @@ def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray,
 
 
 def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
-                  x: torch.Tensor, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> torch.Tensor:
-    """A layer's active experts held as arena units, in one call (see reference.moe_ffn_units)."""
+                  x: torch.Tensor, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray,
+                  nibble: np.ndarray | None = None) -> torch.Tensor:
+    """A layer's active experts held as arena units, in one call (see reference.moe_ffn_units);
+    nibble[j]: entry j is held in nibble form (to_nibble_form; it then holds chunks 0..3)."""
     plan = _plan(layout)
     units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)[:, :MAX_BITS]
     bits = np.asarray(bits, dtype=np.int64)
+    if nibble is not None and np.any(nibble) and not nibble_form(layout):
+        raise UsageError("nibble form is not used for this layout on this CPU (nibble_form)")
     for j, b in enumerate(bits.tolist()):
         b = _check_bits(plan, plan.need[-1], b, "layout")
-        if (units[j, :b] < 0).any():
+        held = max(b, 4) if nibble is not None and nibble[j] else b
+        if (units[j, :held] < 0).any():
             raise UsageError(f"entry {j} at {b} bits lacks chunks: units {units[j]}")
     if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
         raise UsageError("arena must be a C-contiguous uint8 array")
     cas = np.where(units >= 0, _address(arena) + units * arena.strides[0], 0)
-    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights))
+    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, nibble))
 
 
 def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.ndarray,

@@ -244,17 +244,18 @@ def _madd_ones(builder, h):
 
 
 @intrinsic
-def _dot_nib128(typingctx, acc, q, x):
+def _dot_nib128(typingctx, acc, q, x, mask):
     """acc + the dot of 128 nibble codes at q (64 bytes: per block of 32 weights, byte j holds weight j
-    in its low nibble and weight j + 16 in its high one, llama.cpp's Q4_0 order) with 128 int8 at x,
-    in int32 x 8. Per block: one 16-byte load into both halves, a per-dword
-    shift (vpsrlvd: 0 below, 4 above), an AND, vpmaddubsw; one vpmaddwd per 128 (4 x 2 x 15 x 128
-    fits int16)."""
+    in its low nibble and weight j + 16 in its high one, llama.cpp's Q4_0 order), each ANDed with
+    mask (15: whole codes; 12 or 14: their top 2 or 3 bits), with 128 int8 at x, in int32 x 8. Per
+    block: one 16-byte load into both halves, a per-dword shift (vpsrlvd: 0 below, 4 above), an AND,
+    vpmaddubsw; one vpmaddwd per 128 (4 x 2 x 15 x 128 fits int16)."""
     def codegen(context, builder, sig, args):
-        acc, q, x = args
+        acc, q, x, mask = args
         v16b, v8i = ir.VectorType(_I8, 16), ir.VectorType(_I32, 8)
         shift = ir.Constant(v8i, [0, 0, 0, 0, 4, 4, 4, 4])
-        low, twice = _bytes_splat(0x0F), ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2)
+        low, twice = _splat(builder, builder.trunc(mask, _I8), _V32), ir.Constant(ir.VectorType(_I32, 32),
+                                                                                 list(range(16)) * 2)
         h = None
         for k in range(4):
             half = builder.load(_ptr(builder, builder.add(q, ir.Constant(_I64, 16 * k)), v16b), align=1)
@@ -264,7 +265,24 @@ def _dot_nib128(typingctx, acc, q, x):
             d = _maddubs(builder, codes, xv)
             h = d if h is None else builder.add(h, d)
         return builder.add(acc, _madd_ones(builder, h))
-    return _i32x8(acc, types.intp, types.intp), codegen
+    return _i32x8(acc, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def _nib_codes64(typingctx, q, mask, rshift):
+    """Byte codes of the 64 weights whose nibbles (Q4_0 order, _dot_nib128) are the 32 bytes at q, in
+    weight order: ((n & mask) << 4) >> rshift (rshift 0: msb units; 8 - b: the top b bits as a number)."""
+    def codegen(context, builder, sig, args):
+        q, mask, rshift = args
+        v = builder.load(_ptr(builder, q, _V32), align=1)
+        lo = builder.and_(v, _bytes_splat(0x0F))
+        hi = builder.lshr(v, _bytes_splat(4))
+        order = [i for b in (0, 16) for i in list(range(b, b + 16)) + list(range(32 + b, 48 + b))]
+        n = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 64), order))
+        n = builder.and_(n, _splat(builder, builder.trunc(mask, _I8), _VB))
+        return builder.lshr(builder.shl(n, _splat(builder, ir.Constant(_I8, 4), _VB)),
+                            _splat(builder, builder.trunc(rshift, _I8), _VB))
+    return _u8x64(types.intp, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -519,13 +537,13 @@ def _delta_swap(builder, regs, i, s):
     regs[i + s], regs[i] = builder.xor(b, t), builder.xor(a, builder.shl(t, shift))
 
 
-def _codes256(builder, width, bits, a, planes, nbytes):
+def _codes256(builder, width, bits, a, planes, nbytes, kept=2):
     """8 code registers (see above) of the 256 weights at offset a of the planes; planes at or above
-    bits are masked to zero."""
+    bits are masked to zero (planes below `kept` are always there)."""
     regs = [None] * 8
     for p in range(width):
         v = _load32(builder, builder.add(planes[p], a), nbytes)
-        if p >= 2:  # width 4 holds bits 3-4, width 8 bits 5-8: drop planes >= bits
+        if p >= kept:  # width 4 holds bits 3-4, width 8 bits 5-8: drop planes >= bits
             keep = builder.select(builder.icmp_signed(">", bits, ir.Constant(_I64, p)),
                                   ir.Constant(_I8, 0xFF), ir.Constant(_I8, 0))
             v = builder.and_(v, _splat(builder, keep, _V32))
@@ -579,6 +597,19 @@ def _dot256(typingctx, width, nbytes, bits, a, xb, p0, p1, p2, p3, p4, p5, p6, p
         codes = _codes256(builder, w, args[2], args[3], list(args[5:]), n)
         return (_dot_int8 if w <= 4 else _dot_int16)(builder, codes, args[4])
     return _i32x8(width, nbytes, types.intp, types.intp, types.intp, *([types.intp] * 8)), codegen
+
+
+@intrinsic
+def _dot256_low(typingctx, nbytes, bits, a, xb, p4, p5, p6, p7):
+    """_dot256 of the low codes sum_p 2^(7-p) bit_p over planes 4..3+bits (bits = 1..4, planes p4..p7)
+    with the strided int16 activations at xb: the part of 5-8 bit codes below their top nibble."""
+    if not isinstance(nbytes, types.IntegerLiteral) or nbytes.literal_value not in (16, 32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        codes = _codes256(builder, 4, args[1], args[2], list(args[4:]), sig.args[0].literal_value, kept=1)
+        return _dot_int16(builder, codes, args[3])
+    return _i32x8(nbytes, types.intp, types.intp, types.intp, *([types.intp] * 4)), codegen
 
 
 @intrinsic

@@ -13,7 +13,7 @@ import numpy as np
 from edge_moe.kernels import cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
-                cpu._nibble_matmul_kernel)
+                cpu._nibble_matmul_kernel) + ((cpu._to_nibbles,) if cpu.STRIDED else ())  # (cpu.nibble_form)
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
@@ -21,7 +21,7 @@ CHILD = ("import sys; sys.path.insert(0, {root!r}); "
 def call_every_kernel() -> None:
     """Call each entry point once on a tiny expert: compiles it, or loads it from numba's cache.
     One signature each serves every scheme, width and token count (those are runtime arguments)."""
-    from edge_moe.format.layout import build_layout, pack_expert
+    from edge_moe.format.layout import build_layout, pack_expert, to_units
     from edge_moe.format.nested import quantize
 
     rng = np.random.default_rng(0)
@@ -35,6 +35,8 @@ def call_every_kernel() -> None:
     scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)
+    if cpu.nibble_form(layout):  # resident experts rewritten, on AVX2 (ExpertCache.rewrite)
+        cpu.to_nibble_form(layout, to_units(layout, buf), np.arange(8))
 
 
 def _on_disk(dispatcher) -> bool:

@@ -21,15 +21,21 @@ from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import MAX_BITS
 
 BASE_CHUNKS = 2
+NIBBLE_CHUNKS = 4  # the chunks `rewrite` turns into 4-bit codes
 DECAY = 0.5  # hotness = DECAY * hotness + this forward's routing counts
 EVICTIONS = ("value", "lru")  # value: bit-granular (ours); lru: whole least-recently-used expert (baseline)
 
 
 class ExpertCache:
-    """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`."""
+    """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`.
+
+    rewrite(units), when given, puts an expert's chunks 0..3 into the form the kernels read faster
+    (kernels.cpu.to_nibble_form); `nibble` marks the experts so held. It is meant for a cache that
+    holds every chunk (nothing is evicted): an eviction that would leave such an expert with 1-3
+    chunks takes the whole expert instead."""
 
     def __init__(self, layout: ExpertLayout, arena, layers: list[int], num_experts: int,
-                 decay: float = DECAY, eviction: str = "value"):
+                 decay: float = DECAY, eviction: str = "value", rewrite=None):
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction {eviction!r}: choose one of {EVICTIONS}")
         self.layout, self.decay, self.eviction = layout, decay, eviction
@@ -40,6 +46,8 @@ class ExpertCache:
         shape = (len(layers), num_experts)
         self.units = np.full((*shape, MAX_BITS), -1, dtype=np.int64)
         self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
+        self.rewrite = rewrite
+        self.nibble = np.zeros(shape, dtype=bool)  # chunks 0..3 rewritten (rewrite)
         self.hot = np.zeros(shape, dtype=np.float64)
         self.pins = np.zeros(shape, dtype=np.int64)
         # chunks an expert is useless without (the request's min_bits): evicted together, last
@@ -99,6 +107,8 @@ class ExpertCache:
                 return None
             r, e, count, _ = victim
             top = int(self.held[r, e])
+            if self.nibble[r, e] and top - count < NIBBLE_CHUNKS:
+                count, self.nibble[r, e] = top, False
             for c in range(top - count, top):
                 self.free.append(int(self.units[r, e, c]))
                 self.units[r, e, c] = -1
@@ -112,12 +122,21 @@ class ExpertCache:
         self.free.extend(int(u) for u in self.units[row, expert, :held])
         self.units[row, expert, :] = -1
         self.held[row, expert] = 0
+        self.nibble[row, expert] = False
 
     def commit(self, row: int, expert: int, first_chunk: int, units: list[int]) -> None:
         """Record chunks first_chunk.. as resident in `units`; caller holds lock."""
         assert self.held[row, expert] == first_chunk, (row, expert, first_chunk)
         self.units[row, expert, first_chunk:first_chunk + len(units)] = units
         self.held[row, expert] = first_chunk + len(units)
+
+    def rewrite_pinned(self, row: int, expert: int, held: int) -> None:
+        """Rewrite an expert that holds chunks 0..3 in plane form; the caller pinned it, so only the
+        caller reads it meanwhile (the reader only writes chunks it has not committed)."""
+        if self.rewrite is not None and held >= NIBBLE_CHUNKS and not self.nibble[row, expert]:
+            self.rewrite(self.units[row, expert])
+            with self.lock:
+                self.nibble[row, expert] = True
 
     def resident_bytes(self) -> int:
         return int(self.held.sum()) * self.layout.unit_bytes

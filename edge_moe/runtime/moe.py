@@ -24,6 +24,9 @@ from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.reader import Reader, Want
 from edge_moe.runtime.stats import RunStats
 
+NIBBLE_BITS = (3, 4)  # widths at which an expert is worth rewriting (ExpertCache.rewrite): the nibble
+# form reads 4 bits, so at 2 bits the planes read half as much; above 4 it adds planes 4.. (slower
+# than the planes' own 8-plane transpose: tools/bench_vs_llamacpp.py 8:8 33 -> 37.5 ms/token on Zen 3)
 PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too widely to guess
 PREFETCH_MIN_CORES = 4  # below this, the default streaming does not prefetch (default_streaming)
 
@@ -152,22 +155,28 @@ class MoePipeline:
                  resident: dict[int, int]) -> torch.Tensor:
         """One kernel call over the ready experts; an expert's pairs split by width, each capped by
         the levels held (never below `must`)."""
-        units, bits, ptr, tokens, weights = [], [], [0], [], []
+        units, bits, ptr, tokens, weights, nibble = [], [], [0], [], [], []
         for r, held in ready:
             assert held >= r.want.must, (r.want, held)
+            widths = _by_width(r, held)
+            if any(b in NIBBLE_BITS for b, _ in widths):
+                self.cache.rewrite_pinned(row, r.want.expert, held)
             expert_units = self.cache.units[row, r.want.expert]  # chunks < held stay while pinned
-            for b, sel in _by_width(r, held):
+            for b, sel in widths:
                 n = len(r.tokens[sel])
                 units.append(expert_units)
+                nibble.append(self.cache.nibble[row, r.want.expert])
                 bits.append(b)
                 tokens.append(r.tokens[sel])
                 weights.append(r.weights[sel])
                 ptr.append(ptr[-1] + n)
                 self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=n)
         t0 = time.perf_counter()
+        form = {"nibble": np.array(nibble)} if self.cache.rewrite is not None else {}
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
                                        np.array(bits, np.int64), x, np.array(ptr, np.int64),
-                                       np.concatenate(tokens), np.concatenate(weights).astype(np.float32))
+                                       np.concatenate(tokens), np.concatenate(weights).astype(np.float32),
+                                       **form)
         self.stats.expert_compute_s += time.perf_counter() - t0
         return y
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from edge_moe.errors import UsageError
-from edge_moe.format.layout import build_layout, pack_expert, to_units, unpack_matrix
-from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize
+from edge_moe.format.layout import build_layout, from_units, pack_expert, to_units, unpack_matrix
+from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize, to_nibbles
 from edge_moe.kernels import cpu, get_backend, reference
 from tests.tolerances import KERNEL_INT16_ACT_REL
 
@@ -194,3 +194,63 @@ def test_nested_matmul_long_rows(scheme, n):
             x = tokens(t, n, seed=bits)
             ref = reference.nested_matmul(layout, buf, "w", x, bits)
             close(cpu.nested_matmul(layout, buf, "w", x, bits), ref)
+
+
+def _nibble_case(expert):
+    """(layout, arena, units [2, 8]) of two experts in scattered units, if this layout has a nibble form
+    on this CPU (msb, group 128, AVX2 without AVX-512: the haswell child of test_cpu_targets runs it
+    on other hosts)."""
+    layout, buf = expert
+    if not cpu.nibble_form(layout):
+        pytest.skip("no nibble form for this layout on this CPU")
+    arena = np.zeros((18, layout.unit_bytes), dtype=np.uint8)
+    units = np.array([[3, 17, 5, 9, 0, 12, 1, 15], [2, 4, 6, 8, 10, 11, 13, 14]])
+    arena[units[0]] = to_units(layout, buf)
+    arena[units[1]] = to_units(layout, np.frombuffer(_shuffled(layout, buf), dtype=np.uint8))
+    return layout, arena, units
+
+
+def test_nibble_form_rewrites_planes_in_place(expert):
+    """Row 4k + j's 4-bit codes (the top 4 planes, packed as format.nested.to_nibbles) land in chunk j
+    where rows 4k..4k+3 of the planes were; metadata and planes 4.. are untouched."""
+    layout, arena, units = _nibble_case(expert)
+    before = arena.copy()
+    cpu.to_nibble_form(layout, arena, units[0])
+    np.testing.assert_array_equal(np.delete(arena, units[0, :4], 0), np.delete(before, units[0, :4], 0))
+    buf = from_units(layout, before, units[0], MAX_BITS)
+    for name, (o, _) in layout.matrices:
+        m = unpack_matrix(layout, buf, name, 4)
+        bits = np.unpackbits(m.planes, axis=-1, bitorder="little")  # [4, O, Npad]
+        codes = sum(bits[p] << (3 - p) for p in range(4))
+        nib = to_nibbles(codes)
+        start, rb = layout.in_chunk(name, "planes"), m.planes.shape[-1]
+        for r in range(o):
+            got = arena[units[0, r % 4], start + (r - r % 4) * rb:][:4 * rb]
+            np.testing.assert_array_equal(got, nib[r], err_msg=f"{name} row {r}")
+        meta = layout.in_chunk(name, "meta")
+        for c in range(2):
+            np.testing.assert_array_equal(arena[units[0, c], meta:], before[units[0, c], meta:])
+
+
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_moe_ffn_units_nibble_form_every_level(expert, t):
+    """Experts in nibble form at every width (2-4 from the nibbles, 5-8 nibbles plus planes), beside
+    one in plane form, against the reference on the plane form."""
+    layout, arena, units = _nibble_case(expert)
+    planes = arena.copy()
+    cpu.to_nibble_form(layout, arena, units[0])
+    cpu.to_nibble_form(layout, arena, units[1])
+    plain = np.array([[7, 16, -1, -1, -1, -1, -1, -1]])
+    arena[7], arena[16] = planes[units[1, 0]], planes[units[1, 1]]  # expert 1's base, as planes
+    planes[7], planes[16] = arena[7], arena[16]
+    all_units = np.concatenate([units, plain])
+    rng = np.random.default_rng(t)
+    x = tokens(t, D, seed=t)
+    for b in BITS:
+        bits = np.array([b, BITS[-1] + BASE_BITS - b, 2])
+        counts = rng.integers(1, t + 1, size=3)
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        tok = np.concatenate([rng.choice(t, c, replace=False) for c in counts]).astype(np.int64)
+        w = rng.random(len(tok)).astype(np.float32)
+        got = cpu.moe_ffn_units(layout, arena, all_units, bits, x, ptr, tok, w, nibble=np.array([1, 1, 0]))
+        close(got, reference.moe_ffn_units(layout, planes, all_units, bits, x, ptr, tok, w))
