@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_moe.kernels import cpu
+from edge_moe.kernels import attention, cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
-                cpu._nibble_matmul_kernel) + ((cpu._to_nibbles,) if cpu.STRIDED else ())  # (cpu.nibble_form)
+                cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention,
+                *((cpu._to_nibbles,) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
@@ -32,6 +33,12 @@ def call_every_kernel() -> None:
     x = rng.standard_normal((1, 128)).astype(np.float32)
     cpu.nested_matmul(layout, buf, "down", x, 4)
     cpu.expert_ffn(layout, buf, x, 4)
+    cpu.moe_ffn_units(layout, to_units(layout, buf), np.arange(8)[None], np.array([4]), x,  # the runtime's call
+                      np.array([0, 1]), np.zeros(1, np.int64), np.ones(1, np.float32))
+    heads, cache = np.ones((2, 8), np.float32), np.zeros((4, 1, 8), np.float32)  # decode attention
+    attention.decode_attention(heads, heads[:1].copy(), heads[:1].copy(), heads[0], heads[0], 1,
+                               np.float32(1e-6), heads[0], heads[0], cache, cache.copy(), 0,
+                               np.empty_like(heads))
     scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)

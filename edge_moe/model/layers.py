@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from edge_moe.config import ModelConfig
+from edge_moe.kernels.attention import QK_NORMS, decode_attention
 from edge_moe.model.packed import PackedLinear
 
 
@@ -84,6 +88,8 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
     q = linear(x, w[f"{p}.q"], w.get(f"{p}.q_bias"))  # [T, H*hd]
     k = linear(x, w[f"{p}.k"], w.get(f"{p}.k_bias"))  # [T, KV*hd]
     v = linear(x, w[f"{p}.v"], w.get(f"{p}.v_bias"))
+    if t == 1 and x.device.type == "cpu":
+        return linear(_decode_attention(q, k, v, w, cfg, layer, cache, rope), w[f"{p}.o"])
     if cfg.qk_norm == "full":  # OLMoE normalizes the whole projection
         q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
     q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -101,6 +107,33 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None].float(), values.transpose(0, 1)[None].float(),
         attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)  # [1, H, T, hd]
     return linear(out[0].transpose(0, 1).reshape(t, -1), w[f"{p}.o"])
+
+
+def _decode_attention(q, k, v, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
+                      rope: Rope) -> torch.Tensor:
+    """attention's steps after the projections for one token on the cpu, in one numba call
+    (kernels.attention.decode_attention); [1, H*hd]."""
+    p, pos, hd = f"layers.{layer}", cache.length, cfg.head_dim
+    cos, sin = rope.tables(pos + 1, "cpu")
+    norm = QK_NORMS[cfg.qk_norm]
+    q_norm, k_norm = (_as_f32(w[f"{p}.q_norm"]), _as_f32(w[f"{p}.k_norm"])) if norm else (_NONE, _NONE)
+    out = np.empty((cfg.num_heads, hd), np.float32)
+    kv = cfg.num_kv_heads
+    decode_attention(q.numpy().reshape(cfg.num_heads, hd), k.numpy().reshape(kv, hd), v.numpy().reshape(kv, hd),
+                     q_norm, k_norm, norm, np.float32(cfg.rms_norm_eps), cos[pos, 0].numpy(),
+                     sin[pos, 0].numpy(), cache.k[layer].numpy(), cache.v[layer].numpy(), pos, out)
+    return torch.from_numpy(out.reshape(1, -1))
+
+
+_NONE = np.zeros(0, np.float32)
+_F32: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(weight tensor) -> (it, its float32 numpy copy)
+
+
+def _as_f32(t: torch.Tensor) -> np.ndarray:
+    hit = _F32.get(id(t))
+    if hit is None or hit[0]() is not t:
+        hit = _F32[id(t)] = (weakref.ref(t), t.float().numpy())
+    return hit[1]
 
 
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

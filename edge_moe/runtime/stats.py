@@ -28,6 +28,13 @@ class RunStats:
         (self.hits if was_resident else self.misses)[bits] += n
         self.degraded += n if bits < wanted else 0
 
+    def record_resident(self, bits: np.ndarray) -> None:
+        """One computation per entry of bits (one pair each), every expert resident at its width."""
+        self.expert_calls += len(bits)
+        counts = np.bincount(bits, minlength=MAX_BITS + 1)
+        self.bits_used += counts
+        self.hits += counts
+
     def as_dict(self) -> dict:
         used = {b: int(n) for b, n in enumerate(self.bits_used) if n}  # (token, expert) pairs per width
         pairs = max(int(self.bits_used.sum()), 1)

@@ -153,9 +153,14 @@ def test_moe_ffn_units_refuses_missing_chunks(expert):
     layout, buf = expert
     arena = np.zeros((4, layout.unit_bytes), dtype=np.uint8)
     units = np.array([[0, 1, 2, -1, -1, -1, -1, -1]])
+    args = (tokens(1, D), np.array([0, 1]), np.array([0]), np.ones(1, np.float32))
     with pytest.raises(UsageError, match="lacks chunks"):
-        cpu.moe_ffn_units(layout, arena, units, np.array([4]), tokens(1, D), np.array([0, 1]),
-                          np.array([0]), np.ones(1, np.float32))
+        cpu.moe_ffn_units(layout, arena, units, np.array([4]), *args)
+    with pytest.raises(UsageError, match="out of range"):
+        cpu.moe_ffn_units(layout, arena, units, np.array([9]), *args)
+    with pytest.raises(UsageError, match="nibble form: True"):  # reads chunks 0..3 even at 2 bits
+        cpu.moe_ffn_units(layout, arena, units, np.array([2]), *args, nibble=np.array([True]))
+    cpu.moe_ffn_units(layout, arena, units, np.array([3]), *args)  # chunks 0..2 are enough here
 
 
 def _shuffled(layout, buf):

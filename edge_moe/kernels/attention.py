@@ -1,0 +1,76 @@
+"""One decode token's attention on the cpu in one numba call: q/k RMSNorm, rotary embedding, KV cache
+write and grouped-query softmax attention (the torch form of model.layers.attention is ~30 ops, each
+~5 us of dispatch on a 2-core laptop-class CPU; this is one call)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+QK_NORMS = {"none": 0, "head": 1, "full": 2}  # ModelConfig.qk_norm -> the kernel's code
+
+
+@njit(inline="always")
+def _rms(x, w, eps):
+    """x * w / sqrt(mean(x^2) + eps) in place (x, w float32 of one length)."""
+    s = np.float32(0.0)
+    for i in range(x.shape[0]):
+        s += x[i] * x[i]
+    r = np.float32(1.0) / np.sqrt(s / np.float32(x.shape[0]) + eps)
+    for i in range(x.shape[0]):
+        x[i] = x[i] * r * w[i]
+
+
+@njit(inline="always")
+def _rope(x, cos, sin):
+    """Rotate-half rotary embedding of one head x [hd] in place."""
+    half = x.shape[0] // 2
+    for i in range(half):
+        a, b = x[i], x[i + half]
+        x[i] = a * cos[i] - b * sin[i]
+        x[i + half] = b * cos[i + half] + a * sin[i + half]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def decode_attention(q, k, v, q_norm, k_norm, norm, eps, cos, sin, keys, values, pos, out):
+    """out [H, hd] = softmax(q_h . K_g / sqrt(hd)) V_g over positions 0..pos for one token at `pos`,
+    g = h // (H / KV), after q [H, hd] and k [KV, hd] are normed (norm 1: per head with weights [hd],
+    2: whole projection with weights [H*hd] / [KV*hd]) and rotated (cos, sin [hd] of pos); k and v
+    [KV, hd] are written to keys / values [S, KV, hd] at pos first. q and k are changed in place."""
+    H, hd = q.shape
+    KV = k.shape[0]
+    if norm == 2:
+        _rms(q.reshape(H * hd), q_norm, eps)
+        _rms(k.reshape(KV * hd), k_norm, eps)
+    for h in range(H):
+        if norm == 1:
+            _rms(q[h], q_norm, eps)
+        _rope(q[h], cos, sin)
+    for g in range(KV):
+        if norm == 1:
+            _rms(k[g], k_norm, eps)
+        _rope(k[g], cos, sin)
+        keys[pos, g] = k[g]
+        values[pos, g] = v[g]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    group = H // KV
+    for h in prange(H):
+        g = h // group
+        score = np.empty(pos + 1, np.float32)
+        top = np.float32(-np.inf)
+        for s in range(pos + 1):
+            d = np.float32(0.0)
+            for i in range(hd):
+                d += q[h, i] * keys[s, g, i]
+            score[s] = d * scale
+            top = max(top, score[s])
+        total = np.float32(0.0)
+        for s in range(pos + 1):
+            score[s] = np.exp(score[s] - top)
+            total += score[s]
+        for i in range(hd):
+            out[h, i] = 0.0
+        for s in range(pos + 1):
+            p = score[s] / total
+            for i in range(hd):
+                out[h, i] += p * values[s, g, i]
