@@ -13,7 +13,7 @@ import numpy as np
 from edge_moe.kernels import attention, cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
-                cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention,
+                cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention, attention.rms_rows,
                 *((cpu._to_nibbles,) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
@@ -39,6 +39,7 @@ def call_every_kernel() -> None:
     attention.decode_attention(heads, heads[:1].copy(), heads[:1].copy(), heads[0], heads[0], 1,
                                np.float32(1e-6), heads[0], heads[0], cache, cache.copy(), 0,
                                np.empty_like(heads))
+    attention.rms_rows(heads, heads[0], np.float32(1e-6), np.empty_like(heads))
     scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)

@@ -1,0 +1,58 @@
+"""kernels.attention.decode_attention against torch: RMSNorm, rotate-half rope and SDPA with GQA."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_moe.kernels.attention import QK_NORMS, decode_attention
+from edge_moe.model.layers import Rope
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (6, 1)])
+@pytest.mark.parametrize("qk_norm", list(QK_NORMS))
+@pytest.mark.parametrize("pos", [0, 1, 37])
+def test_decode_attention_matches_torch(heads, kv, qk_norm, pos):
+    hd, eps = 16, 1e-5
+    g = torch.Generator().manual_seed(pos * 31 + heads + kv)
+    q, k, v = (torch.randn(n, hd, generator=g) for n in (heads, kv, kv))
+    keys, values = torch.randn(40, kv, hd, generator=g), torch.randn(40, kv, hd, generator=g)
+    width = {"none": 0, "head": hd, "full": None}[qk_norm]
+    qn = torch.rand(heads * hd if width is None else width, generator=g) + 0.5
+    kn = torch.rand(kv * hd if width is None else width, generator=g) + 0.5
+    cos, sin = (t[pos, 0] for t in Rope(hd, 10000.0).tables(pos + 1, "cpu"))
+
+    rq, rk = q.clone(), k.clone()  # the torch form of model.layers.attention
+    if qk_norm == "full":
+        rq = F.rms_norm(rq.reshape(-1), qn.shape, qn, eps).reshape(heads, hd)
+        rk = F.rms_norm(rk.reshape(-1), kn.shape, kn, eps).reshape(kv, hd)
+    elif qk_norm == "head":
+        rq, rk = F.rms_norm(rq, qn.shape, qn, eps), F.rms_norm(rk, kn.shape, kn, eps)
+    rq, rk = rotate(rq, cos, sin), rotate(rk, cos, sin)
+    rkeys, rvalues = keys.clone(), values.clone()
+    rkeys[pos], rvalues[pos] = rk, v
+    seen = [c[:pos + 1].transpose(0, 1)[None] for c in (rkeys, rvalues)]
+    ref = F.scaled_dot_product_attention(rq[:, None][None], *seen, enable_gqa=heads != kv)[0, :, 0]
+
+    out = np.empty((heads, hd), np.float32)
+    kc, vc = keys.numpy().copy(), values.numpy().copy()
+    decode_attention(q.numpy().copy(), k.numpy().copy(), v.numpy().copy(), qn.numpy(), kn.numpy(),
+                     QK_NORMS[qk_norm], np.float32(eps), cos.numpy(), sin.numpy(), kc, vc, pos, out)
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kc[pos], rk.numpy(), rtol=1e-5, atol=1e-5)  # the cache holds the rotated key
+    np.testing.assert_array_equal(vc[pos], v.numpy())
+    np.testing.assert_array_equal(np.delete(kc, pos, 0), np.delete(keys.numpy(), pos, 0))
+
+
+def test_rms_rows_matches_torch():
+    from edge_moe.kernels.attention import rms_rows
+
+    x, w = torch.randn(5, 300), torch.rand(300) + 0.5
+    out = np.empty((5, 300), np.float32)
+    rms_rows(x.numpy(), w.numpy(), np.float32(1e-6), out)
+    np.testing.assert_allclose(out, F.rms_norm(x, w.shape, w, 1e-6).numpy(), rtol=1e-5, atol=1e-6)
