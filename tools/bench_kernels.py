@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange, set_num_threads
 
-from edge_moe.format.layout import build_layout, pack_expert
+from edge_moe.format.layout import build_layout, pack_expert, to_units
 from edge_moe.format.nested import NestedMatrix, num_groups
 from edge_moe.kernels import cpu
+from edge_moe.runtime.moe import NIBBLE_BITS
 
 SHAPES = {  # name: (O, N) of y = x @ W.T, decode shapes of real models (issue 3)
     "olmoe 2048x1024": (2048, 1024),
@@ -174,6 +175,7 @@ def bench_moe(args, bits_list):
     rng = np.random.default_rng(0)
     layout, buf = random_expert({"gate_up": (2 * inter, d), "down": (d, inter)}, args.scheme, args.group)
     slab = np.tile(buf, (max(e, pool_of(layout.nbytes, args.pool_mb)), 1))
+    arena, units = nibble_arena(layout, slab)
     rows = []
     for t in (1, 64):
         x = rng.standard_normal((t, d)).astype(np.float32)
@@ -187,12 +189,29 @@ def bench_moe(args, bits_list):
                 return (slots, np.full(len(uniq), bits), ptr, order // k, np.full(t * k, 1.0 / k, np.float32))
             # enough calls that the experts they touch (k each) outgrow the pool: DRAM, not cache
             calls = [call(i) for i in range(max(2, 4 * len(slab) // k))]
-            run = cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)
-            run()
-            tm = median(run, max(5, args.reps // (4 if t == 1 else 20)))
-            nbytes = np.mean([len(c[0]) for c in calls]) * layout.bytes_for_bits(bits)
-            rows.append([t, bits, tm * 1e3, nbytes / tm / 1e9, None])
+            runs = {"planes": cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)}
+            if arena is not None and bits in NIBBLE_BITS:  # the runtime's call on rewritten resident experts
+                runs["nibble form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
+                    layout, arena, units[c[0]], c[1], x, *c[2:], nibble=np.ones(len(c[0]), bool)), calls)
+            experts = np.mean([len(c[0]) for c in calls])
+            for form, run in runs.items():
+                run()
+                tm = median(run, max(5, args.reps // (4 if t == 1 else 20)))
+                nbytes = experts * layout.bytes_for_bits(bits if form == "planes" else max(bits, 4))
+                rows.append([t, bits, form, tm * 1e3, nbytes / tm / 1e9, None])
     return rows
+
+
+def nibble_arena(layout, slab: np.ndarray):
+    """(arena, units [S, 8]) holding the slab's experts as units rewritten into the nibble form
+    (cpu.to_nibble_form), or (None, None) where this CPU and layout have none."""
+    if not cpu.nibble_form(layout):
+        return None, None
+    units = np.arange(len(slab) * 8).reshape(len(slab), 8)
+    arena = np.concatenate([to_units(layout, row) for row in slab])
+    for u in units:
+        cpu.to_nibble_form(layout, arena, u)
+    return arena, units
 
 
 FIRST_CALL = """
@@ -256,12 +275,12 @@ def main(argv=None) -> None:
     gemv = sum((bench_shape(name, o, n, args, args.bits, [1]) for name, (o, n) in shapes.items()), [])
     gemm = sum((bench_shape(name, *shapes[name], args, [2, 4, 8] if not args.quick else [4], [8, 64])
                 for name in ("olmoe 2048x1024", "gpt-oss 2880x2880") if name in shapes), [])
-    moe = bench_moe(args, [2, 4, 8])
+    moe = bench_moe(args, [2, 3, 4, 8])
     bw = max(bw0, read_bandwidth(args.pool_mb))  # the quieter of two measurements, start and end
     for r in gemv + gemm:
         r[5] = r[4] * 1e9 / bw
     for r in moe:
-        r[4] = r[3] * 1e9 / bw
+        r[5] = r[4] * 1e9 / bw
     print(f"read bandwidth (numba streaming xor over {args.pool_mb} MB, {get_num_threads()} threads): "
           f"{bw / 1e9:.1f} GB/s (start {bw0 / 1e9:.1f})\n")
     header = ["shape O x N", "T", "bits", "ours us", "GB/s", "of BW", "torch bf16 us", "bf16/ours",
@@ -269,8 +288,10 @@ def main(argv=None) -> None:
     fmt = ["{}", "{}", "{}", "{:.0f}", "{:.1f}", "{:.0%}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.2f}x"]
     print("GEMV (one token): y = x @ W_b.T\n" + table(header, gemv, fmt) + "\n")
     print("GEMM (prefill chunk / several tokens on one expert)\n" + table(header, gemm, fmt) + "\n")
-    moe = table(["T", "bits", "ms", "GB/s", "of BW"], moe, ["{}", "{}", "{:.2f}", "{:.1f}", "{:.0%}"])
-    print(f"moe_ffn: one OLMoE layer (D 2048, I 1024, 8 of 64 experts), one numba call\n{moe}\n")
+    moe = table(["T", "bits", "experts held as", "ms", "GB/s", "of BW"], moe,
+                ["{}", "{}", "{}", "{:.2f}", "{:.1f}", "{:.0%}"])
+    print(f"moe_ffn: one OLMoE layer (D 2048, I 1024, 8 of 64 experts), one numba call (nibble form: the\n"
+          f"runtime's form of resident experts run at 3-4 bits on AVX2, reading 4 bits)\n{moe}\n")
     print(f"medians still disturbed by other processes after 2 tries: {QUIET.noisy}\n")
     print("first call (fresh process): import s | first expert_ffn s | other kernels s")
     for label, vals in first_call(args.scheme):
