@@ -27,7 +27,8 @@ from edge_moe.runtime.stats import RunStats
 
 NIBBLE_BITS = (3, 4)  # widths at which an expert is worth rewriting (ExpertCache.rewrite): the nibble
 # form reads 4 bits, so at 2 bits the planes read half as much; above 4 it adds planes 4.. (slower
-# than the planes' own 8-plane transpose: tools/bench_vs_llamacpp.py 8:8 33 -> 37.5 ms/token on Zen 3)
+# than the planes' own 8-plane transpose: decode with 8-bit experts 33 -> 37.5 ms/token on a Zen 3
+# when experts of every width were rewritten)
 PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too widely to guess
 PREFETCH_MIN_CORES = 4  # below this, the default streaming does not prefetch (default_streaming)
 
