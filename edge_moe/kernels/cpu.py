@@ -120,7 +120,6 @@ XDIGIT_MAX = 127 * 256  # |x / d| bound: both balanced base-256 digits fit in in
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
 ROWS_PER_ITEM = 64  # output rows per parallel work item
 PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
-NIBBLE_PREFETCH_BYTES = 2048
 DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
 NOGF = False
 ACT8_MAX_BITS = 4  # at <= this many bits the dots use only the high digit: int8 activations (Q8)
@@ -445,6 +444,12 @@ def _nibble_addr(CA, poff, rb, o):
 
 
 @njit(inline='always')
+def _nibble_mask(bits):
+    """The mask that keeps a nibble's top min(bits, 4) bits."""
+    return (0xF0 >> min(bits, 4)) & 0x0F
+
+
+@njit(inline='always')
 def _prefetch_nibble_row(CA, md, bits, o):
     """Prefetch row o's nibble codes, its planes 4.. (bits > 4) and the first line of its metadata."""
     if o < md[0]:
@@ -469,10 +474,10 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, y):
     C[g] * (4096 (n . h) + 16 (n . l)) + C[g] * (r . x16)."""
     CA, C = _addr(ca), _addr(coef)
     ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
-    npad, dist = ng * 128, -(-NIBBLE_PREFETCH_BYTES // (4 * rb))
+    npad, dist = ng * 128, -(-PREFETCH_BYTES // (4 * rb))
     one = bits <= ACT8_MAX_BITS
     unit, S = _act_form(one, Dsum, ngp)
-    mask = (0xF0 >> min(bits, 4)) & 0x0F
+    mask = _nibble_mask(bits)
     p4 = _ldi(CA + 32) + poff if bits > 4 else 0
     p5 = _ldi(CA + 40) + poff if bits > 5 else p4
     p6 = _ldi(CA + 48) + poff if bits > 6 else p4
@@ -582,7 +587,7 @@ def _nibble_codes(q, a, bits, form, CA, poff, w4, w5, w6, w7):
     q >> (8 - bits) in form 1) plus planes 4..bits-1 at offset a."""
     if form == 1:
         return _nib_codes64(q, 15, 8 - bits)
-    c = _nib_codes64(q, (0xF0 >> min(bits, 4)) & 0x0F, 0)
+    c = _nib_codes64(q, _nibble_mask(bits), 0)
     if bits > 4:
         c = _qmask_add(c, _ldi(CA + 32) + poff + a, w4)
         if bits > 5:
@@ -878,7 +883,6 @@ def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -
         raise UsageError(f"no nibble form for this layout on this CPU, or units {units} lack chunks 0..3")
     for md in _plan(layout).md.values():
         _to_nibbles(arena, units, md, _SPREAD)
-
 
 
 

@@ -31,8 +31,8 @@ class ExpertCache:
 
     rewrite(units), when given, puts an expert's chunks 0..3 into the form the kernels read faster
     (kernels.cpu.to_nibble_form); `nibble` marks the experts so held. It is meant for a cache that
-    holds every chunk (nothing is evicted): an eviction that would leave such an expert with 1-3
-    chunks takes the whole expert instead."""
+    holds every chunk (nothing is evicted); such an expert's chunks 0..3 are below its floor, so an
+    eviction takes them together."""
 
     def __init__(self, layout: ExpertLayout, arena, layers: list[int], num_experts: int,
                  decay: float = DECAY, eviction: str = "value", rewrite=None):
@@ -50,7 +50,8 @@ class ExpertCache:
         self.nibble = np.zeros(shape, dtype=bool)  # chunks 0..3 rewritten (rewrite)
         self.hot = np.zeros(shape, dtype=np.float64)
         self.pins = np.zeros(shape, dtype=np.int64)
-        # chunks an expert is useless without (the request's min_bits): evicted together, last
+        # chunks an expert is useless without (the request's min_bits; 4 in nibble form): evicted
+        # together, last
         self.floor = BASE_CHUNKS
         self.last_used = np.zeros(shape, dtype=np.int64)  # routing step, for the LRU baseline
         self._step = 0
@@ -86,7 +87,7 @@ class ExpertCache:
             r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
                                     movable.shape)
             return int(r), int(e), int(self.held[r, e]), 0.0
-        upper = movable & (self.held > self.floor)
+        upper = movable & (self.held > np.maximum(self.floor, NIBBLE_CHUNKS * self.nibble))
         if upper.any():
             value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
             r, e = np.unravel_index(np.argmin(value), value.shape)
@@ -107,13 +108,12 @@ class ExpertCache:
                 return None
             r, e, count, _ = victim
             top = int(self.held[r, e])
-            if self.nibble[r, e] and top - count < NIBBLE_CHUNKS:
-                count, self.nibble[r, e] = top, False
             for c in range(top - count, top):
                 self.free.append(int(self.units[r, e, c]))
                 self.units[r, e, c] = -1
                 self.evictions[c] += 1
             self.held[r, e] = top - count
+            self.nibble[r, e] &= top > count
         return [self.free.pop() for _ in range(n)]
 
     def drop(self, row: int, expert: int) -> None:

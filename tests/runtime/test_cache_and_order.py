@@ -93,6 +93,21 @@ def test_chunks_below_the_floor_are_evicted_together():
     assert list(cache.held[0, :2]) == [0, 3]
 
 
+def test_an_expert_in_nibble_form_keeps_chunks_0_to_3_together():
+    """Its chunks 0..3 hold 4-bit codes, useless apart: below its floor. It loses upper chunks one by
+    one, then goes whole (never to 3 or 2 chunks), and is no longer marked as rewritten."""
+    cache = small_cache(8)
+    fill(cache, 0, 0, 5, hot=1.0)
+    fill(cache, 0, 1, 3, hot=9.0)
+    cache.nibble[0, 0] = True
+    cache.take_units(1, keep=(1, 0))  # 0 free: the cold expert's 5th chunk goes
+    assert list(cache.held[0, :2]) == [4, 3]
+    # 2 more: upper chunks go before bases, so the hot expert's 3rd; then, with no upper chunk left,
+    # the cold one's 4 together (a plane-form expert would have lost its 4th chunk instead)
+    cache.take_units(2, keep=(1, 0))
+    assert list(cache.held[0, :2]) == [0, 2] and not cache.nibble[0, 0]
+
+
 def test_a_prefetch_that_found_no_room_does_not_release_an_expert_below_its_must():
     """The reader marks a best-effort read it skipped for lack of room as tried; a compute thread
     polling that expert must still wait for its must levels (it used to get 0 chunks, bench_budget
