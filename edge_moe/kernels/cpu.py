@@ -39,10 +39,13 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   3-4 bits, once, in place: per 4 rows, the bytes of planes 0-3 become the rows' nibble codes (the
   top 4 bits, Q4_0 order), as the dense part's; planes 4.. stay. At <= 4 bits the GEMV dots nibbles
   (masked to the top bits below 4); above 4 it adds the low codes of planes 4.. (a 4-plane transpose,
-  _dot256_low) with int16 activations. Zen 3, one thread, 2048x2048 in cache: 6.3 ns per group of 128
-  against 9.1 for the 4-bit planes; an OLMoE layer call (8 experts, 2 threads) 2.14 against 2.55 ms.
+  _dot256_low) with int16 activations. Zen 3, one thread, 2048x2048 in cache: 3.5 ns per group of 128
+  against 5.9 for the 4-bit planes and 3.9 for 2-bit planes (the dense NibbleLinear: 3.6).
   At 8 bits the added nibble dots made it slower than the planes (decode 33 -> 37.5 ms per token), so
   only experts run at 3-4 bits are rewritten (runtime.moe.NIBBLE_BITS).
+- Row metadata (fp16 scales and minima, _coefs) comes in by simd._h2f. Before it avoided LLVM's
+  lowering of a 16-bit masked load on AVX2 (16 branches per call), rows took 6.3 / 9.3 / 7.1 ns per
+  group (nibble form, 4-bit and 2-bit planes) where they now take 3.5 / 5.9 / 3.9.
 - T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
   (mask adds) and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a
   layer in one numba call with two parallel loops: gate_up rows of every expert, then down rows
