@@ -48,8 +48,9 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   group (nibble form, 4-bit and 2-bit planes) where they now take 3.5 / 5.9 / 3.9.
 - T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
   (mask adds) and reused by every token, 4 tokens per pass. `moe_ffn` runs all active experts of a
-  layer in one numba call with two parallel loops: gate_up rows of every expert, then down rows
-  (each work item owns output rows, so no atomics); expert_ffn and expert_ffn_units are that call
+  layer in one numba call with two parallel loops, one share per thread: a contiguous part of the
+  gate_up rows of every expert, then of the down rows (each thread owns its output rows, so no
+  atomics); expert_ffn and expert_ffn_units are that call
   with one expert. On AVX2 the codes of <= 4 bits are built as q >> (8 - b) and dotted with
   vpmaddubsw, wider ones with the int16 activations and vpmaddwd.
 Measured on the 2-core AVX-512 Xeon of issue 3 (cycles per group of 128 weights, one thread, N = 4096,
