@@ -258,6 +258,12 @@ def _qbuild(a, bits, p0, p1, p2, p3, p4, p5, p6, p7, w0, w1, w2, w3, w4, w5, w6,
 
 
 @njit(inline='always')
+def _low_mean(bits):
+    """An msb row's offset is min + s * this: the mean of the code's dropped low bits, (2^(8-b) - 1) / 2."""
+    return np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
+
+
+@njit(inline='always')
 def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum, unit):
     """Row o's coefficient of each code per group (C [k, ngp]) and offsets (OFF [ngp]), from fp16.
 
@@ -266,7 +272,7 @@ def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum, unit):
     offset min - sum alpha (nested.group_coefficients). With one token (Dsc != 0) the coefficients
     take its digit scales d_g (times unit, the digit's weight) and the offsets . sums(x_g) are
     returned; else 0."""
-    kb = np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
+    kb = _low_mean(bits)
     voff = _fzero()
     for g0 in range(0, ng, 16):
         n = min(16, ng - g0)
@@ -300,7 +306,7 @@ def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
     _coefs took ~17 ns on Zen 3 (masks, reductions), about what the 8 groups of an OLMoE down row
     take to compute."""
     ng, moff = md[3], md[7]
-    kb = np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
+    kb = _low_mean(bits)
     span = ng + 16
     for k in range(span):
         T[k] = _ldf(Dsc + 4 * (k % ng)) * unit
@@ -929,7 +935,6 @@ def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -
         raise UsageError(f"no nibble form for this layout on this CPU, or units {units} lack chunks 0..3")
     for md in _plan(layout).md.values():
         _to_nibbles(arena, units, md, _SPREAD)
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -422,7 +422,8 @@ def _load_halves(builder, a, n):
 
 @intrinsic
 def _h2f(typingctx, a, n):
-    """The first n (<= 16) fp16 values at address a as floats, zeros after (a masked load)."""
+    """The first n (1..16) fp16 values at address a as floats, zeros after (_load_halves: nothing past
+    them is read)."""
     def codegen(context, builder, sig, args):
         a, n = args
         h = _load_halves(builder, a, n)

@@ -159,10 +159,13 @@ class MoePipeline:
             cache.pins[row, e] += 1
         try:
             cache.record_routing(layer, np.bincount(e, minlength=self.cfg.num_experts))
-            if cache.rewrite is not None:
-                for k in np.flatnonzero((bits >= NIBBLE_BITS[0]) & (bits <= NIBBLE_BITS[-1])).tolist():
+            form = {}
+            if cache.rewrite is not None:  # one array test per layer once every expert is rewritten
+                nibble = cache.nibble[row, e]
+                todo = np.flatnonzero(~nibble & (bits >= NIBBLE_BITS[0]) & (bits <= NIBBLE_BITS[-1]))
+                for k in todo.tolist():
                     cache.rewrite_pinned(row, int(e[k]), int(held[k]))
-            form = {"nibble": cache.nibble[row, e]} if cache.rewrite is not None else {}
+                form["nibble"] = cache.nibble[row, e] if len(todo) else nibble
             t0 = time.perf_counter()
             ptr, tokens = self._one_token_csr(len(e))
             y = self.backend.moe_ffn_units(cache.layout, cache.arena.data, cache.units[row, e], bits, x, ptr,
