@@ -1,6 +1,6 @@
-"""The decoder's small cpu ops as single numba calls: RMSNorm of rows, and one decode token's attention
-(q/k RMSNorm, rotary embedding, KV cache write, grouped-query softmax attention). Their torch forms
-are ~30 ops per layer, each ~5 us of dispatch on a 2-core laptop-class CPU."""
+"""The decoder's small cpu ops as single numba calls: RMSNorm of rows, one decode token's attention
+(q/k RMSNorm, rotary embedding, KV cache write, grouped-query softmax attention) and its router's
+top-k. Their torch forms are ~30 ops per layer, each ~5 us of dispatch on a 2-core laptop-class CPU."""
 
 from __future__ import annotations
 
@@ -83,3 +83,35 @@ def decode_attention(q, k, v, q_norm, k_norm, norm, eps, cos, sin, keys, values,
             p = score[s] / total
             for i in range(hd):
                 out[h, i] += p * values[s, g, i]
+
+
+@njit(fastmath=True)
+def _dot(a, b):
+    """sum(a * b) of two float32 vectors (fastmath: LLVM may reorder the sum, so it vectorises)."""
+    d = np.float32(0.0)
+    for i in range(a.shape[0]):
+        d += a[i] * b[i]
+    return d
+
+
+@njit(cache=True, nogil=True)
+def route_token(x, router, renorm, weights, experts):
+    """Softmax-then-top-k gate of one token: x [D], router [E, D] float32 -> the k = len(weights) largest
+    probabilities, descending (ties: the lower expert first), and their experts; renormalised to sum 1
+    when renorm. ~9 us for OLMoE's 64 x 2048 against ~40 us as torch's linear, softmax and topk."""
+    E = router.shape[0]
+    p = np.empty(E, np.float32)
+    for e in range(E):
+        p[e] = _dot(router[e], x)
+    p = np.exp(p - p.max())
+    p /= p.sum()
+    taken = np.zeros(E, np.bool_)
+    for j in range(weights.shape[0]):
+        best = -1
+        for e in range(E):
+            if not taken[e] and (best < 0 or p[e] > p[best]):
+                best = e
+        taken[best] = True
+        experts[j], weights[j] = best, p[best]
+    if renorm:
+        weights /= weights.sum()

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_moe.kernels import attention, cpu
+from edge_moe.kernels import attention, bookkeeping, cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
                 cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention, attention.rms_rows,
+                attention.route_token, bookkeeping.assign_bits, bookkeeping.claim, bookkeeping.unpin,
+                bookkeeping.count,
                 *((cpu._to_nibbles,) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
@@ -40,11 +42,26 @@ def call_every_kernel() -> None:
                                np.float32(1e-6), heads[0], heads[0], cache, cache.copy(), 0,
                                np.empty_like(heads))
     attention.rms_rows(heads, heads[0], np.float32(1e-6), np.empty_like(heads))
+    attention.route_token(heads[0], heads, True, np.empty(1, np.float32), np.empty(1, np.int64))
+    _call_bookkeeping()
     scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)
     if cpu.nibble_form(layout):  # resident experts rewritten, on AVX2 (ExpertCache.rewrite)
         cpu.to_nibble_form(layout, to_units(layout, buf), np.arange(8))
+
+
+def _call_bookkeeping() -> None:
+    """The decode step's bookkeeping (runtime: BitRequest.assign, ExpertCache.claim_resident, MoePipeline,
+    RunStats) on a row of 4 experts, with the runtime's dtypes."""
+    experts, bits, counter = np.array([2, 0]), np.array([4, 3]), np.zeros(9, np.int64)
+    bookkeeping.assign_bits(np.array([[0.7, 0.3]]), 0.5, 3, 4)
+    held, pins, last_used = np.full(4, 8), np.zeros(4, np.int64), np.zeros(4, np.int64)
+    flags, units = np.zeros(4, np.bool_), np.zeros((4, 8), np.int64)
+    bookkeeping.claim(held, pins, np.zeros(4), last_used, 1, 0.5, flags, units, experts, bits, 3, 4,
+                      np.empty((2, 8), np.int64), np.empty(2, np.bool_))
+    bookkeeping.unpin(pins, experts)
+    bookkeeping.count(bits, counter, counter.copy())
 
 
 def _on_disk(dispatcher) -> bool:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_moe.config import ModelConfig
-from edge_moe.kernels.attention import QK_NORMS, decode_attention, rms_rows
+from edge_moe.kernels.attention import QK_NORMS, decode_attention, rms_rows, route_token
 from edge_moe.model.packed import PackedLinear
 
 
@@ -89,9 +89,8 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
               rope: Rope) -> torch.Tensor:
     """Causal GQA over the cache; x [T, D] are the tokens at positions cache.length..+T."""
     t, pos0, p = x.shape[0], cache.length, f"layers.{layer}"
-    q = linear(x, w[f"{p}.q"], w.get(f"{p}.q_bias"))  # [T, H*hd]
-    k = linear(x, w[f"{p}.k"], w.get(f"{p}.k_bias"))  # [T, KV*hd]
-    v = linear(x, w[f"{p}.v"], w.get(f"{p}.v_bias"))
+    qkv = linear(x, w[f"{p}.qkv"], w.get(f"{p}.qkv_bias"))  # q, k, v in one matmul (weights.qkv_part)
+    q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2], dim=-1)
     if t == 1 and x.device.type == "cpu":
         return linear(_decode_attention(q, k, v, w, cfg, layer, cache, rope), w[f"{p}.o"])
     if cfg.qk_norm == "full":  # OLMoE normalizes the whole projection
@@ -141,7 +140,12 @@ def _as_f32(t: torch.Tensor) -> np.ndarray:
 
 
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-then-top-k gate: (weights [T, K] float32, experts [T, K] int64)."""
+    """Softmax-then-top-k gate: (weights [T, K] float32, experts [T, K] int64); one token on the cpu in
+    one numba call (kernels.attention.route_token)."""
+    if x.shape[0] == 1 and x.device.type == "cpu" and router.dtype == x.dtype == torch.float32:
+        weights, experts = np.empty((1, cfg.top_k), np.float32), np.empty((1, cfg.top_k), np.int64)
+        route_token(x.numpy()[0], router.numpy(), cfg.norm_topk_prob, weights[0], experts[0])
+        return torch.from_numpy(weights), torch.from_numpy(experts)
     probs = torch.softmax(linear(x, router), dim=-1)  # [T, E]
     weights, experts = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.norm_topk_prob:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from edge_moe.config import ModelConfig
 
 EXPERT_MATRICES = ("gate_up", "down")  # gate_up [2I, D] (gate rows, then up rows), down [D, I]
@@ -51,3 +53,10 @@ def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update(_attention_shapes(cfg, p))
         shapes.update(_ffn_shapes(cfg, i, p))
     return shapes
+
+
+def qkv_part(name: str) -> tuple[str, int] | None:
+    """(fused name, index 0-2) of a q, k or v projection or bias, which load as one `qkv` tensor, rows
+    q then k then v (one matmul per layer instead of three); None for other tensors."""
+    m = re.fullmatch(r"(layers\.\d+)\.([qkv])(_bias)?", name)
+    return (f"{m[1]}.qkv{m[3] or ''}", "qkv".index(m[2])) if m else None

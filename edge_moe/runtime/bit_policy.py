@@ -13,6 +13,7 @@ import numpy as np
 
 from edge_moe.errors import UsageError
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
+from edge_moe.kernels.bookkeeping import assign_bits
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,9 @@ class BitRequest:
 
     def assign(self, weights: np.ndarray) -> np.ndarray:
         """Bits int64 [T, K] for gate weights [T, K] (any order)."""
-        weights = np.asarray(weights, dtype=np.float64)
         if self.quality is None:
-            return np.full(weights.shape, self.max_bits, dtype=np.int64)
-        share = weights / weights.sum(-1, keepdims=True)
-        order = np.argsort(-share, axis=-1, kind="stable")
-        ranked = np.take_along_axis(share, order, -1)
-        high = np.empty(share.shape, dtype=bool)
-        np.put_along_axis(high, order, np.cumsum(ranked, -1) - ranked < self.quality, -1)
-        return np.where(high, self.max_bits, self.min_bits).astype(np.int64)
+            return np.full(np.shape(weights), self.max_bits, dtype=np.int64)
+        return assign_bits(np.asarray(weights, dtype=np.float64), self.quality, self.min_bits, self.max_bits)
 
 
 def _check(name: str, value) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import MAX_BITS
+from edge_moe.kernels import bookkeeping
 
 BASE_CHUNKS = 2
 NIBBLE_CHUNKS = 4  # the chunks `rewrite` turns into 4-bit codes
@@ -70,6 +71,22 @@ class ExpertCache:
             self.hot[r] = self.decay * self.hot[r] + counts
             self._step += 1
             self.last_used[r][counts > 0] = self._step
+
+    def claim_resident(self, layer: int, experts: np.ndarray, bits: np.ndarray, nibble_bits: tuple[int, int]):
+        """Pin one token's distinct experts [K] of a layer and record its routing, if every one holds the
+        bits it wants [K]: (their units [K, 8], nibble flags [K], how many want nibble_bits but are not
+        rewritten), or None with nothing changed."""
+        units, nibble = np.empty((len(experts), MAX_BITS), np.int64), np.empty(len(experts), np.bool_)
+        lo, hi = nibble_bits if self.rewrite is not None else (1, 0)
+        r = self.row[layer]
+        with self.lock:
+            todo = bookkeeping.claim(self.held[r], self.pins[r], self.hot[r], self.last_used[r],
+                                     self._step + 1, self.decay, self.nibble[r], self.units[r], experts, bits,
+                                     lo, hi, units, nibble)
+            if todo < 0:
+                return None
+            self._step += 1
+        return units, nibble, todo
 
     def value(self, row: int, expert: int, chunk: int, extra: float = 0.0) -> float:
         """What holding `chunk` of an expert is worth: hotness x 2^-chunk; a base is worth 4x hotness.

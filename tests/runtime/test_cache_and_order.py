@@ -204,3 +204,48 @@ def test_one_token_routing_groups_as_the_general_path():
         for f, g in zip(fast, general, strict=True):
             assert f.tokens.tolist() == g.tokens.tolist() == [0]
             assert f.weights.tolist() == g.weights.tolist() and f.bits.tolist() == g.bits.tolist()
+
+
+def test_bit_assignment_follows_the_cumulative_share_rule():
+    """BitRequest.assign (numba) against the rule written in numpy: rank by weight (stable on ties),
+    max_bits while the share before an expert is below quality."""
+    from edge_moe.runtime.bit_policy import BitRequest
+
+    def rule(weights, quality, lo, hi):
+        share = weights / weights.sum(-1, keepdims=True)
+        order = np.argsort(-share, axis=-1, kind="stable")
+        ranked = np.take_along_axis(share, order, -1)
+        high = np.empty(share.shape, dtype=bool)
+        np.put_along_axis(high, order, np.cumsum(ranked, -1) - ranked < quality, -1)
+        return np.where(high, hi, lo)
+
+    rng = np.random.default_rng(5)
+    for quality in (0.0, 0.3, 0.5, 0.9, 1.0):
+        request = BitRequest.make(quality=quality, min_bits=3, max_bits=6)
+        weights = rng.random((16, 8))
+        weights[0] = 0.125  # all tied: the first ones in order get max_bits
+        weights[1, :2] = [0.5, 0.5]
+        assert request.assign(weights).tolist() == rule(weights, quality, 3, 6).tolist(), quality
+    halves = np.array([[0.5, 0.5]])
+    assert BitRequest.make(quality=0.5, min_bits=2, max_bits=8).assign(halves).tolist() == [[8, 2]]
+    assert BitRequest.make(bits=5).assign(np.ones((2, 4))).tolist() == [[5] * 4] * 2
+
+
+def test_claim_resident_pins_and_records_only_when_every_expert_holds_its_bits():
+    from edge_moe.kernels.bookkeeping import unpin
+
+    cache, other = small_cache(16), small_cache(16)
+    for c in (cache, other):
+        fill(c, 1, 0, 4, hot=1.0)
+        fill(c, 1, 3, 3, hot=0.0)
+    experts = np.array([3, 0])
+    assert cache.claim_resident(1, experts, np.array([4, 2]), (3, 4)) is None  # expert 3 holds 3 chunks
+    assert not cache.pins.any() and cache.hot[1].tolist() == [1.0, 0, 0, 0]
+    units, nibble, todo = cache.claim_resident(1, experts, np.array([3, 4]), (3, 4))
+    assert cache.pins[1].tolist() == [1, 0, 0, 1] and (units == cache.units[1, experts]).all()
+    assert not nibble.any() and todo == 0  # no rewrite on this cache: nothing to put in nibble form
+    other.record_routing(1, np.array([1, 0, 0, 1]))  # the general path's record of the same routing
+    np.testing.assert_allclose(cache.hot, other.hot)
+    assert (cache.last_used == other.last_used).all()
+    unpin(cache.pins[1], experts)
+    assert not cache.pins.any()
