@@ -9,7 +9,10 @@ they hold GPU time, not Python launch overhead; the rotation covers at least --r
 so that repeated calls read DRAM, not L2. Matrix rows time the automatic kernel choice ("ours":
 gemv_kernel for T <= 2) and, for T <= 2, the fp16-mma kernel forced ("mma16"), side by side. The
 layer table times moe_ffn_units on experts scattered over arena units (the runtime's call) and
-moe_ffn on a slab; its "eager" column is wall time per call without graphs (Python included).
+moe_ffn on a slab, against torch fp16 as a per-expert loop and, for one token, as two batched
+matmuls over the stacked experts ("grouped"); its "eager" column is wall time per call without
+graphs (Python included). "copy of its bytes" is a device copy of a matrix's bytes in the same
+graph setting: one kernel's floor at that size (small decode matrices are latency-bound on a big GPU).
 --baseline DIR builds the native sources in DIR (e.g. an older commit's native/) as a second
 extension and times its automatic kernel choice on the same buffers in the same run ("base" columns).
 """
@@ -162,19 +165,22 @@ def bench_matrix(name, o, n, scheme, bits, t, args, torch_us: dict) -> dict:
                                                     args.bps, cuda.KERNEL_AUTO) for i in range(slots)])
     k, st, kw, ks, kr, gx, gy, gz, _, nw = cuda.native().gemm(slab[0], desc, job, x, None, False, out, None,
                                                               None, False, args.bps, cuda.KERNEL_AUTO)
+    src = torch.randint(0, 255, (slots, nbytes), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src[0])
+    copy_us = graph_time([lambda i=i: dst.copy_(src[i]) for i in range(slots)])  # one kernel on these bytes
     if (o, n, t) not in torch_us:
         w = torch.randn(rotation(2 * o * n, args.rotate_mb), o, n, device="cuda", dtype=torch.float16)
         torch_us[(o, n, t)] = graph_time([lambda i=i: F.linear(x, w[i]) for i in range(w.shape[0])])
     plan = (f"gemv w{nw} kw{kw} s{st} k{ks}x{kr} grid {gx}" if k == 1
             else f"mma16 k{ks}x{kr} grid {gx}x{gy}x{gz}")
     return {"us": us, "mma16": mma16, "base": base_us, "gbs": nbytes / us / 1e3, "torch": torch_us[(o, n, t)],
-            "plan": plan}
+            "plan": plan, "copy": copy_us}
 
 
 def matrix_table(args, bw: float) -> list[str]:
-    rows = ["| matrix | O x N | scheme | bits | T | ours us | GB/s | % copy BW | torch fp16 us | speed-up "
-            "| base us | base speed-up | mma16 us | plan |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| matrix | O x N | scheme | bits | T | ours us | GB/s | % copy BW | copy of its bytes us "
+            "| torch fp16 us | speed-up | base us | base speed-up | mma16 us | plan |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     torch_us: dict = {}
     for name, o, n in MATRICES:
         if args.only and not any(w.lower() in name.lower() for w in args.only):
@@ -184,7 +190,8 @@ def matrix_table(args, bw: float) -> list[str]:
                 for bits in args.bits:
                     r = bench_matrix(name, o, n, scheme, bits, t, args, torch_us)
                     rows.append(f"| {name} | {o}x{n} | {scheme} | {bits} | {t} | {r['us']:.1f} "
-                                f"| {r['gbs']:.0f} | {100 * r['gbs'] / bw:.0f}% | {r['torch']:.1f} "
+                                f"| {r['gbs']:.0f} | {100 * r['gbs'] / bw:.0f}% | {r['copy']:.1f} "
+                                f"| {r['torch']:.1f} "
                                 f"| {r['torch'] / r['us']:.2f}x | {r['base']:.1f} "
                                 f"| {r['torch'] / r['base']:.2f}x | {r['mma16']:.1f} | {r['plan']} |")
                     print(rows[-1], flush=True)
@@ -206,7 +213,7 @@ def layer_case(experts, t, bits_list, k, seed=0):
     return active, bits, ptr, tokens, weights
 
 
-def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args) -> str:
+def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args, bw: float) -> str:
     layout = build_layout({"gate_up": (2 * i, d), "down": (d, i)}, scheme, GROUP)
     active, bits, ptr, tokens, weights = layer_case(experts, t, bits_list, k)
     per_set = sum(layout.bytes_for_bits(b) for b in bits)
@@ -248,16 +255,24 @@ def bench_layer(name, d, i, experts, k, t, bits_list, scheme, args) -> str:
             g, u = F.linear(x[rows[j]], gu[s, j]).chunk(2, dim=-1)
             out.index_add_(0, rows[j], F.linear(F.silu(g) * u, dn[s, j]) * wts[ptr[j]:ptr[j + 1], None].half())
         return out
+    def torch_grouped(s):  # one token: every active expert's fp16 weights in two batched matmuls
+        h = torch.bmm(gu[s], x[0].expand(len(active), d)[:, :, None])  # [E, 2I, 1]
+        g, u = h.chunk(2, dim=1)
+        y = torch.bmm(dn[s], F.silu(g) * u)[:, :, 0]  # [E, D]
+        return (y * wts[:, None].half()).sum(0)
     ref = graph_time([lambda s=s: torch_layer(s) for s in range(tsets)])
+    grouped = graph_time([lambda s=s: torch_grouped(s) for s in range(tsets)]) if t == 1 else float("nan")
     mix = "/".join(str(b) for b in bits_list)
     return (f"| {name} | {scheme} | {t} | {len(active)} | {mix} | {ours:.1f} | {per_set / ours / 1e3:.0f} "
-            f"| {on_slab:.1f} | {mma16:.1f} | {base_us:.1f} | {ref:.1f} | {ref / ours:.2f}x | {eager:.0f} |")
+            f"| {100 * per_set / ours / 1e3 / bw:.0f}% | {on_slab:.1f} | {mma16:.1f} | {base_us:.1f} "
+            f"| {ref:.1f} | {ref / ours:.2f}x | {grouped:.1f} | {grouped / ours:.2f}x | {eager:.0f} |")
 
 
-def layer_table(args) -> list[str]:
-    rows = ["| layer | scheme | T | experts | bits | moe_ffn_units us | GB/s | moe_ffn (slab) us "
-            "| mma16 units us | base units us | torch fp16 us | speed-up | eager us |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def layer_table(args, bw: float) -> list[str]:
+    rows = ["| layer | scheme | T | experts | bits | moe_ffn_units us | GB/s | % copy BW | moe_ffn (slab) us "
+            "| mma16 units us | base units us | torch fp16 loop us | speed-up | torch fp16 grouped us "
+            "| speed-up | eager us |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d, i, experts, k in LAYERS:
         if args.only and not any(w.lower() in name.lower() for w in args.only):
             continue
@@ -265,7 +280,7 @@ def layer_table(args) -> list[str]:
             for t, mix in ((1, [4]), (1, [8, 8, 6, 6, 4, 4, 3, 2]), (16, [4])):
                 if t not in args.layer_tokens:
                     continue
-                rows.append(bench_layer(name, d, i, experts, k, t, mix, scheme, args))
+                rows.append(bench_layer(name, d, i, experts, k, t, mix, scheme, args, bw))
                 print(rows[-1], flush=True)
     return rows
 
@@ -301,7 +316,7 @@ def main(argv=None) -> int:
             "plan: kernel, warps per block, k warps, ring stages, k parts x inputs per part, grid", ""]
     print("\n".join(head), flush=True)
     lines = head + ([] if args.skip_matrices else matrix_table(args, bw) + [""])
-    lines += [] if args.skip_layers else layer_table(args)
+    lines += [] if args.skip_layers else layer_table(args, bw)
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
