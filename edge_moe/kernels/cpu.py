@@ -70,6 +70,7 @@ weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py)
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -987,7 +988,8 @@ def _address(a: np.ndarray) -> int:
 
 def _as_x(x, n: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+        x = x if x.dtype == torch.float32 else x.float()
+        x = (x.detach() if x.requires_grad else x).numpy()  # each torch op costs ~5-10 us in a decode step
     else:
         x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != n:
@@ -1019,6 +1021,13 @@ def nibble_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: 
     return _code_matmul(_nibble_matmul_kernel, "nibble", 2, 128, codes, scale, minimum, x)
 
 
+@functools.cache
+def _code_md(o: int, n: int, group: int, ng: int) -> np.ndarray:
+    """The kernels' matrix descriptor of codes [O, ng*G] read with n inputs, shared by every call (the
+    kernels never write it; a read-only array would be another numba type, compiled again)."""
+    return np.array([o, n, group, ng, -(-ng // 16) * 16, 0, 0, 0], np.int64)
+
+
 def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, minimum, x) -> torch.Tensor:
     """x @ W.T on `kernel` for W as codes [O, ng*G / per_byte] with scale and minimum [O, ng]; G a
     multiple of unit, and x [T, N] must end in the last group."""
@@ -1030,7 +1039,7 @@ def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, mini
     if codes.dtype != np.uint8 or codes.shape[0] != o or group % unit or not fits:
         raise UsageError(f"{what} codes {codes.dtype} {codes.shape} with scales {scale.shape} "
                          f"do not fit x {tuple(xs.shape)}")
-    md = np.array([o, xs.shape[1], group, ng, -(-ng // 16) * 16, 0, 0, 0], np.int64)
+    md = _code_md(o, xs.shape[1], group, ng)
     out = np.zeros((xs.shape[0], o), dtype=np.float32)
     if xs.shape[0]:
         kernel(codes, scale, minimum, xs, md, out)

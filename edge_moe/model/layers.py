@@ -44,6 +44,14 @@ class Rope:
     def __init__(self, head_dim: int, theta: float):
         self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.cos = self.sin = torch.empty(0, 1, head_dim)
+        self.host = (np.empty((0, head_dim), np.float32),) * 2  # cpu tables as numpy [S, hd] (decode)
+
+    def host_tables(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [S >= end, hd] as cpu numpy arrays."""
+        if self.host[0].shape[0] < end:
+            cos, sin = self.tables(end, "cpu")
+            self.host = (cos[:, 0].numpy(), sin[:, 0].numpy())
+        return self.host
 
     def tables(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [S >= end, 1, hd] on device."""
@@ -69,6 +77,7 @@ class KVCache:
         shape = (cfg.num_layers, max_tokens, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.host = (self.k.numpy(), self.v.numpy()) if self.k.device.type == "cpu" else None  # views
         self.length = 0
 
     @property
@@ -90,9 +99,9 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
     """Causal GQA over the cache; x [T, D] are the tokens at positions cache.length..+T."""
     t, pos0, p = x.shape[0], cache.length, f"layers.{layer}"
     qkv = linear(x, w[f"{p}.qkv"], w.get(f"{p}.qkv_bias"))  # q, k, v in one matmul (weights.qkv_part)
+    if t == 1 and x.device.type == "cpu" and qkv.dtype == torch.float32:
+        return linear(_decode_attention(qkv, w, cfg, layer, cache, rope), w[f"{p}.o"])
     q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2], dim=-1)
-    if t == 1 and x.device.type == "cpu":
-        return linear(_decode_attention(q, k, v, w, cfg, layer, cache, rope), w[f"{p}.o"])
     if cfg.qk_norm == "full":  # OLMoE normalizes the whole projection
         q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
     q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -112,19 +121,22 @@ def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVC
     return linear(out[0].transpose(0, 1).reshape(t, -1), w[f"{p}.o"])
 
 
-def _decode_attention(q, k, v, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
+def _decode_attention(qkv: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
                       rope: Rope) -> torch.Tensor:
-    """attention's steps after the projections for one token on the cpu, in one numba call
-    (kernels.attention.decode_attention); [1, H*hd]."""
-    p, pos, hd = f"layers.{layer}", cache.length, cfg.head_dim
-    cos, sin = rope.tables(pos + 1, "cpu")
+    """attention's steps after the projection qkv [1, (H + 2 KV) hd] for one token on the cpu, in one
+    numba call (kernels.attention.decode_attention) on numpy views; [1, H*hd]."""
+    pos, hd, H, KV = cache.length, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    row = qkv.numpy()[0]
+    q, k, v = (row[:H * hd].reshape(H, hd), row[H * hd:(H + KV) * hd].reshape(KV, hd),
+               row[(H + KV) * hd:].reshape(KV, hd))
+    cos, sin = rope.host_tables(pos + 1)
     norm = QK_NORMS[cfg.qk_norm]
+    p = f"layers.{layer}"
     q_norm, k_norm = (_as_f32(w[f"{p}.q_norm"]), _as_f32(w[f"{p}.k_norm"])) if norm else (_NONE, _NONE)
-    out = np.empty((cfg.num_heads, hd), np.float32)
-    kv = cfg.num_kv_heads
-    decode_attention(q.numpy().reshape(cfg.num_heads, hd), k.numpy().reshape(kv, hd), v.numpy().reshape(kv, hd),
-                     q_norm, k_norm, norm, np.float32(cfg.rms_norm_eps), cos[pos, 0].numpy(),
-                     sin[pos, 0].numpy(), cache.k[layer].numpy(), cache.v[layer].numpy(), pos, out)
+    out = np.empty((H, hd), np.float32)
+    keys, values = cache.host
+    decode_attention(q, k, v, q_norm, k_norm, norm, np.float32(cfg.rms_norm_eps), cos[pos], sin[pos],
+                     keys[layer], values[layer], pos, out)
     return torch.from_numpy(out.reshape(1, -1))
 
 
