@@ -40,6 +40,13 @@ def rms_rows(x, w, eps, out):
         _rms(out[t], w, eps)
 
 
+@njit(cache=True, nogil=True)
+def add_rms_rows(h, delta, w, eps, out):
+    """h += delta, then out = rms_rows of h (the residual add before each RMSNorm of the decoder)."""
+    h += delta
+    rms_rows(h, w, eps, out)
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def decode_attention(q, k, v, q_norm, k_norm, norm, eps, cos, sin, keys, values, pos, out):
     """out [H, hd] = softmax(q_h . K_g / sqrt(hd)) V_g over positions 0..pos for one token at `pos`,

@@ -14,8 +14,8 @@ from edge_moe.kernels import attention, bookkeeping, cpu
 
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
                 cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention, attention.rms_rows,
-                attention.route_token, bookkeeping.assign_bits, bookkeeping.claim, bookkeeping.unpin,
-                bookkeeping.count,
+                attention.route_token, attention.add_rms_rows, bookkeeping.assign_bits, bookkeeping.claim,
+                bookkeeping.unpin, bookkeeping.count,
                 *((cpu._to_nibbles,) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
@@ -42,6 +42,7 @@ def call_every_kernel() -> None:
                                np.float32(1e-6), heads[0], heads[0], cache, cache.copy(), 0,
                                np.empty_like(heads))
     attention.rms_rows(heads, heads[0], np.float32(1e-6), np.empty_like(heads))
+    attention.add_rms_rows(heads, heads.copy(), heads[0], np.float32(1e-6), np.empty_like(heads))
     attention.route_token(heads[0], heads, True, np.empty(1, np.float32), np.empty(1, np.int64))
     _call_bookkeeping()
     scale, minimum = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)

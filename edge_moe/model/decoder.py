@@ -8,7 +8,7 @@ import torch
 
 from edge_moe.config import ModelConfig
 from edge_moe.errors import UnsupportedArchitecture
-from edge_moe.model.layers import KVCache, Rope, attention, embed, linear, rms_norm, route, swiglu
+from edge_moe.model.layers import KVCache, Rope, add_rms_norm, attention, embed, linear, rms_norm, route, swiglu
 
 
 class Experts(Protocol):
@@ -54,11 +54,12 @@ class Decoder:
         cfg, w = self.cfg, self.w
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
-        h = embed(w["embed"], ids.to(self.device))  # [T, D]
+        eps = cfg.rms_norm_eps
+        h = embed(w["embed"], ids.to(self.device))  # [T, D], the residual stream
+        x = rms_norm(h, w["layers.0.attn_norm"], eps)  # its RMSNorm before each block
         for i in range(cfg.num_layers):
-            p = f"layers.{i}"
-            h = h + attention(rms_norm(h, w[f"{p}.attn_norm"], cfg.rms_norm_eps), w, cfg, i, cache, self.rope)
-            h = h + self.ffn(i, rms_norm(h, w[f"{p}.ffn_norm"], cfg.rms_norm_eps))
+            h, x = add_rms_norm(h, attention(x, w, cfg, i, cache, self.rope), w[f"layers.{i}.ffn_norm"], eps)
+            after = w[f"layers.{i + 1}.attn_norm"] if i + 1 < cfg.num_layers else w["final_norm"]
+            h, x = add_rms_norm(h, self.ffn(i, x), after, eps)
         cache.length += len(ids)
-        h = h if all_logits else h[-1:]
-        return linear(rms_norm(h, w["final_norm"], cfg.rms_norm_eps), self.lm_head)
+        return linear(x if all_logits else x[-1:], self.lm_head)

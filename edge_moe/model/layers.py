@@ -9,18 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from edge_moe.config import ModelConfig
-from edge_moe.kernels.attention import QK_NORMS, decode_attention, rms_rows, route_token
+from edge_moe.kernels.attention import QK_NORMS, add_rms_rows, decode_attention, rms_rows, route_token
 from edge_moe.model.packed import PackedLinear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight in float32, one fused op (per-op dispatch is most of a
     decode step's non-kernel time): on the cpu one numba call for rows [T, D]."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+    if _cpu_rows(x):
         out = np.empty(x.shape, np.float32)
         rms_rows(x.numpy(), _as_f32(weight), np.float32(eps), out)
         return torch.from_numpy(out)
     return F.rms_norm(x.float(), weight.shape, weight.float(), eps)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta)): the residual add and the next RMSNorm; on the cpu one numba call
+    that adds into h in place (the decoder's own residual stream)."""
+    if _cpu_rows(h) and _cpu_rows(delta) and h.shape == delta.shape:
+        out = np.empty(h.shape, np.float32)
+        add_rms_rows(h.numpy(), delta.numpy(), _as_f32(weight), np.float32(eps), out)
+        return h, torch.from_numpy(out)
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def _cpu_rows(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
