@@ -1,12 +1,12 @@
 """kernels.attention against torch: decode_attention (RMSNorm, rotate-half rope, SDPA with GQA) and
-route_token (softmax, top-k)."""
+route_token (softmax, top-k), add_rms_rows (residual add, RMSNorm)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_moe.kernels.attention import QK_NORMS, decode_attention, route_token
+from edge_moe.kernels.attention import QK_NORMS, add_rms_rows, decode_attention, route_token
 from edge_moe.model.layers import Rope
 
 
@@ -73,3 +73,16 @@ def test_route_token_matches_torch_softmax_topk(experts, k, renorm):
         route_token(x.numpy(), router.numpy(), renorm, w, e)
         assert e.tolist() == want_e.tolist()
         np.testing.assert_allclose(w, want_w.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_add_rms_rows_adds_in_place_then_norms(rows):
+    g = torch.Generator().manual_seed(rows)
+    h, delta = torch.randn(rows, 64, generator=g), torch.randn(rows, 64, generator=g)
+    weight = torch.rand(64, generator=g) + 0.5
+    want_h = h + delta
+    want = F.rms_norm(want_h, (64,), weight, 1e-6)
+    out = np.empty((rows, 64), np.float32)
+    add_rms_rows(h.numpy(), delta.numpy(), weight.numpy(), np.float32(1e-6), out)
+    np.testing.assert_array_equal(h.numpy(), want_h.numpy())
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-6)
