@@ -27,24 +27,34 @@ def assign_bits(weights, quality, min_bits, max_bits):
 
 
 @njit(cache=True, nogil=True)
+def fold_routing(hot, last_used, counts, step, decay):
+    """One forward's routing counts [E] folded into a cache row: hot = decay * hot + counts, and
+    last_used = step where an expert was routed (ExpertCache.record_routing, and claim)."""
+    for e in range(hot.shape[0]):
+        hot[e] = decay * hot[e] + counts[e]
+        if counts[e] > 0:
+            last_used[e] = step
+
+
+@njit(cache=True, nogil=True)
 def claim(held, pins, hot, last_used, step, decay, nibble, units, experts, bits, nib_lo, nib_hi,
           out_units, out_nibble):
     """One token's distinct experts of one cache row, wanting bits [K]: -1 and nothing changed when
     one holds fewer chunks than it wants; else each is pinned, the routing is folded into the row's
-    hotness (hot = decay * hot + 1 per expert, last_used = step), its units [K, 8] and nibble flags
-    are copied out, and the result is how many want nib_lo..nib_hi bits but are not in nibble form."""
+    hotness (fold_routing), its units [K, 8] and nibble flags are copied out, and the result is how
+    many want nib_lo..nib_hi bits but are not in nibble form."""
     K = experts.shape[0]
     for k in range(K):
         if held[experts[k]] < bits[k]:
             return -1
-    for e in range(hot.shape[0]):
-        hot[e] *= decay
+    counts = np.zeros(hot.shape[0], np.int64)
+    for e in experts:
+        counts[e] += 1
+    fold_routing(hot, last_used, counts, step, decay)
     todo = 0
     for k in range(K):
         e = experts[k]
         pins[e] += 1
-        hot[e] += 1.0
-        last_used[e] = step
         out_units[k] = units[e]
         out_nibble[k] = nibble[e]
         todo += not nibble[e] and nib_lo <= bits[k] <= nib_hi

@@ -986,12 +986,6 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _typed(a, dtype) -> np.ndarray:
-    """a as an ndarray of dtype; an ndarray that already is one is passed as it is (np.asarray's checks
-    cost ~1-3 us each in a decode step, and a layer call converts eight arrays)."""
-    return a if type(a) is np.ndarray and a.dtype == dtype else np.asarray(a, dtype)
-
-
 def _as_x(x, n: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x if x.dtype == torch.float32 else x.float()
@@ -1058,8 +1052,8 @@ def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights
     out = np.zeros((xs.shape[0], int(md_dn[0])), dtype=np.float32)
     nibs = np.zeros(len(cas), np.bool_) if nibble is None else nibble
     if len(cas) and xs.shape[0]:
-        _ffn_kernel(cas, _typed(bits, np.int64), nibs, plan.mwq, xs, _typed(ptr, np.int64),
-                    _typed(tokens, np.int64), _typed(weights, np.float32), md_gu, md_dn, _POWERS, out,
+        _ffn_kernel(cas, np.asarray(bits, np.int64), nibs, plan.mwq, xs, np.asarray(ptr, np.int64),
+                    np.asarray(tokens, np.int64), np.asarray(weights, np.float32), md_gu, md_dn, _POWERS, out,
                     get_num_threads())
     return out
 
@@ -1095,9 +1089,9 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
     """A layer's active experts held as arena units, in one call (see reference.moe_ffn_units);
     nibble[j]: entry j is held in nibble form (to_nibble_form; it then holds chunks 0..3)."""
     plan = _plan(layout)
-    bits = _typed(bits, np.int64)
-    units = _typed(units, np.int64).reshape(len(bits), -1)[:, :MAX_BITS]
-    nibs = np.zeros(len(bits), np.bool_) if nibble is None else _typed(nibble, np.bool_)
+    bits = np.asarray(bits, dtype=np.int64)
+    units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)[:, :MAX_BITS]
+    nibs = np.zeros(len(bits), np.bool_) if nibble is None else np.asarray(nibble, np.bool_)
     if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
         raise UsageError("arena must be a C-contiguous uint8 array")
     cas, bad = _unit_addresses(units, bits, nibs, plan.nibble, arena)

@@ -15,7 +15,7 @@ from edge_moe.kernels import attention, bookkeeping, cpu
 ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  # what the runtime calls
                 cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention, attention.rms_rows,
                 attention.route_token, attention.add_rms_rows, bookkeeping.assign_bits, bookkeeping.claim,
-                bookkeeping.unpin, bookkeeping.count,
+                bookkeeping.fold_routing, bookkeeping.unpin, bookkeeping.count,
                 *((cpu._to_nibbles,) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
@@ -61,6 +61,7 @@ def _call_bookkeeping() -> None:
     flags, units = np.zeros(4, np.bool_), np.zeros((4, 8), np.int64)
     bookkeeping.claim(held, pins, np.zeros(4), last_used, 1, 0.5, flags, units, experts, bits, 3, 4,
                       np.empty((2, 8), np.int64), np.empty(2, np.bool_))
+    bookkeeping.fold_routing(np.zeros(4), last_used, np.ones(4, np.int64), 2, 0.5)  # record_routing
     bookkeeping.unpin(pins, experts)
     bookkeeping.count(bits, counter, counter.copy())
 

@@ -66,11 +66,11 @@ class ExpertCache:
 
     def record_routing(self, layer: int, counts: np.ndarray) -> None:
         """Fold one forward's per-expert token counts [E] into the layer's hotness."""
+        r = self.row[layer]
         with self.lock:
-            r = self.row[layer]
-            self.hot[r] = self.decay * self.hot[r] + counts
             self._step += 1
-            self.last_used[r][counts > 0] = self._step
+            bookkeeping.fold_routing(self.hot[r], self.last_used[r], np.asarray(counts, np.int64), self._step,
+                                     self.decay)
 
     def claim_resident(self, layer: int, experts: np.ndarray, bits: np.ndarray, nibble_bits: tuple[int, int]):
         """Pin one token's distinct experts [K] of a layer and record its routing, if every one holds the

@@ -157,8 +157,7 @@ class MoePipeline:
         the same steps in numpy ~0.23 ms: 2.5 us per op). None when an expert lacks levels."""
         cache = self.cache
         e, w = _host(experts)[0], _host(weights.float())[0]  # top-k: distinct experts
-        bits = self._fixed_bits(self.request.max_bits, len(e)) if self.request.quality is None \
-            else self.request.assign(w[None])[0]
+        bits = self.request.assign(w[None])[0]
         claimed = cache.claim_resident(layer, e, bits, (NIBBLE_BITS[0], NIBBLE_BITS[-1]))
         if claimed is None:
             return None
@@ -186,11 +185,6 @@ class MoePipeline:
         self.stats.record_resident(bits)
         self._prefetch(layer, x)
         return y
-
-    @functools.cache  # noqa: B019 - one small array per (bits, top-k), for the pipeline's life
-    def _fixed_bits(self, bits: int, k: int) -> np.ndarray:
-        """bits for each of k experts (a request for fixed bits: BitRequest.assign without the call)."""
-        return np.full(k, bits, np.int64)
 
     @functools.cache  # noqa: B019 - a few small arrays per top-k, for the pipeline's life
     def _one_token_csr(self, k: int) -> tuple[np.ndarray, np.ndarray]:
