@@ -114,16 +114,19 @@ def msb_codes(w: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray, 
     return _codes(wg, scale, minimum, 255), scale, minimum
 
 
+NIBBLE_BLOCK = 64  # weights per block of to_nibbles: one 32-byte load on AVX2 (kernels.simd._dot_nib128)
+
+
 def to_nibbles(q: np.ndarray) -> np.ndarray:
-    """Codes <= 15 [O, n] (n a multiple of 32) two per byte [O, n/2], llama.cpp's Q4_0 order: per block
-    of 32, byte j holds code j in its low nibble and code j + 16 in its high one."""
-    blocks = q.reshape(q.shape[0], -1, 2, 16)
+    """Codes <= 15 [O, n] (n a multiple of 64) two per byte [O, n/2]: per block of 64, byte j holds code
+    j in its low nibble and code j + 32 in its high one (llama.cpp's Q4_0 does the same per 32)."""
+    blocks = q.reshape(q.shape[0], -1, 2, NIBBLE_BLOCK // 2)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
 def nibbles_to_bytes(codes: np.ndarray) -> np.ndarray:
     """The inverse of to_nibbles: [O, n/2] -> codes [O, n] uint8."""
-    blocks = codes.reshape(codes.shape[0], -1, 1, 16)
+    blocks = codes.reshape(codes.shape[0], -1, 1, NIBBLE_BLOCK // 2)
     return np.concatenate([blocks & 0x0F, blocks >> 4], axis=2).reshape(codes.shape[0], -1)
 
 

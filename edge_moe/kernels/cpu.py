@@ -31,16 +31,21 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   at about a third of DRAM bandwidth). Before it, byte masks by vpshufb + compare took 1.3-2x as
   long, and LLVM's own lowering of the generic forms another 2-7x.
 - Dense matrices at 8 bits are byte codes (model.packed.ByteLinear): byte_matmul zero-extends them
-  and dots them with int16 activations (vpmaddwd), no transposition. At 4 bits they are nibbles in
-  llama.cpp's Q4_0 order (NibbleLinear): per 32 weights one 16-byte load into both register halves,
-  a per-dword shift, an AND and vpmaddubsw with the int8 activations. Zen 3, one thread, 1024x2048
-  in cache: 4.7 ns per group of 128 against 8.4 for the 4-bit planes' transpose.
+  and dots them with int16 activations (vpmaddwd), no transposition. At 4 bits they are nibbles
+  (NibbleLinear; format.nested.to_nibbles: per 64 weights, byte j holds weights j and j + 32): per 64
+  weights one 32-byte load, a shift, two ANDs and two vpmaddubsw with the int8 activations in weight
+  order. llama.cpp's Q4_0 order (blocks of 32) took a 16-byte load into both register halves and
+  a per-dword shift per 32 weights: 2.4-2.8 ns per group of 128 against 2.05-2.1 (Zen 3, one thread,
+  in cache), and a layer call 1.1-1.15x as long (below).
 - Resident msb experts on AVX2 (nibble_form, to_nibble_form): the runtime rewrites an expert it runs at
   3-4 bits, once, in place: per 4 rows, the bytes of planes 0-3 become the rows' nibble codes (the
-  top 4 bits, Q4_0 order), as the dense part's; planes 4.. stay. At <= 4 bits the GEMV dots nibbles
-  (masked to the top bits below 4); above 4 it adds the low codes of planes 4.. (a 4-plane transpose,
-  _dot256_low) with int16 activations. Zen 3, one thread, 2048x2048 in cache: 3.5 ns per group of 128
-  against 5.9 for the 4-bit planes and 3.9 for 2-bit planes (the dense NibbleLinear: 3.6).
+  top 4 bits, in to_nibbles' order), as the dense part's; planes 4.. stay. At <= 4 bits the GEMV dots
+  nibbles (masked to the top bits below 4); above 4 it adds the low codes of planes 4.. (a 4-plane
+  transpose, _dot256_low) with int16 activations. Zen 3, one thread, 2048x2048 in cache, in Q4_0
+  order: 3.5 ns per group of 128 against 5.9 for the 4-bit planes and 3.9 for 2-bit planes. The
+  order of 64 with the row's offsets summed in vector lanes and its prefetches inside the group loop
+  took an OLMoE layer call (8 experts, 4 bits, from DRAM, 2 threads) 0.86-0.90x as long (medians of
+  8-12 interleaved rounds).
   At 8 bits the added nibble dots made it slower than the planes (decode 33 -> 37.5 ms per token), so
   only experts run at 3-4 bits are rewritten (runtime.moe.NIBBLE_BITS).
 - Row metadata (fp16 scales and minima, _coefs) comes in by simd._h2f. Before it avoided LLVM's
@@ -91,6 +96,8 @@ from edge_moe.kernels.simd import (
     _dot_nib128,
     _dot_nibbles,
     _dpbusd,
+    _f8add,
+    _f8load,
     _f8zero,
     _fload,
     _fma8,
@@ -498,6 +505,14 @@ def _nibble_mask(bits):
 
 
 @njit(inline='always')
+def _prefetch_meta(CA, md, o):
+    """Prefetch the first line of row o's fp16 scales and minima."""
+    ma = 2 * o * md[3] + md[7]
+    _prefetch(_ldi(CA) + ma)
+    _prefetch(_ldi(CA + 8) + ma)
+
+
+@njit(inline='always')
 def _prefetch_nibble_row(CA, md, bits, o):
     """Prefetch row o's nibble codes, its planes 4.. (bits > 4) and the first line of its metadata."""
     if o < md[0]:
@@ -508,9 +523,20 @@ def _prefetch_nibble_row(CA, md, bits, o):
         for p in range(4, bits):
             for k in range(o * rb, o * rb + rb, 64):
                 _prefetch(_ldi(CA + 8 * p) + poff + k)
-        ma = 2 * o * md[3] + md[7]
-        _prefetch(_ldi(CA) + ma)
-        _prefetch(_ldi(CA + 8) + ma)
+        _prefetch_meta(CA, md, o)
+
+
+@njit(inline='always')
+def _row_offsets(p, n):
+    """A row's n offsets at address p (_row_coefs) as (8 float lanes, a float) whose sums add up to
+    theirs: in the lanes, 8 at a time, where 8 divides n (one vector add per 8 offsets, and the row's
+    one horizontal sum), else in the float (_row_sum)."""
+    if n % 8:
+        return _f8zero(), _row_sum(p, n)
+    acc = _f8load(p)
+    for k in range(8, n, 8):
+        acc = _f8add(acc, _f8load(p + 4 * k))
+    return acc, np.float32(0.0)
 
 
 @njit(cache=True)
@@ -534,15 +560,20 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y):
     _row_coefs(CA, md, bits, o0, o1, Dsc, S, unit, C, tile)
     for o in range(o0, o1):
         c = C + 4 * (o - o0) * ng
-        yo = _row_sum(c + 4 * (n + 16), ng)
-        _prefetch_nibble_row(CA, md, bits, o + dist)
+        acc, yo = _row_offsets(c + 4 * (n + 16), ng)
         q = _nibble_addr(CA, poff, rb, o)
-        acc = _f8zero()
         if one:
-            for g in range(ng):
+            ahead = o + dist < md[0]
+            qa = _nibble_addr(CA, poff, rb, o + dist)
+            if ahead:
+                _prefetch_meta(CA, md, o + dist)
+            for g in range(ng):  # a line of the row ahead per group: no prefetch loop of its own
+                if ahead:
+                    _prefetch(qa + 64 * g)
                 acc = _fma8(acc, _dot_nib128(_i8zero(), q + 64 * g, X + 128 * g, mask),
                             _ldf(c + 4 * g) * np.float32(16.0))
         else:
+            _prefetch_nibble_row(CA, md, bits, o + dist)
             for g in range(ng):
                 cg, qg = _ldf(c + 4 * g), q + 64 * g
                 acc = _fma8(acc, _dot_nib128(_i8zero(), qg, X + 128 * g, 15), cg * np.float32(4096.0))
@@ -900,7 +931,7 @@ _SPREAD = np.array([sum(((b >> j) & 1) << (8 * j) for j in range(8)) for b in ra
 @njit(cache=True, nogil=True)
 def _to_nibbles(arena, units, md, spread):
     """Planes 0-3 of matrix md in arena units[0..3] -> nibble rows (_nibble_addr): per 4 rows the same
-    bytes, so the rewrite is in place. Per 32 weights, byte j = code j | code j + 16 << 4."""
+    bytes, so the rewrite is in place. Per 64 weights, byte j = code j | code j + 32 << 4 (to_nibbles)."""
     rb, poff = md[5], md[6]
     planes = np.empty((4, 4 * rb), np.uint8)
     for k in range(md[0] // 4):
@@ -909,14 +940,14 @@ def _to_nibbles(arena, units, md, spread):
             planes[p] = arena[units[p], s:s + 4 * rb]
         for j in range(4):
             dst = arena[units[j], s:s + 4 * rb]
-            for b in range(rb // 4):
-                for half in range(2):  # out bytes 16b + 8 half + i: weights 32b + 8 half + i (low), + 16 (high)
+            for b in range(rb // 8):
+                for h in range(4):  # out bytes 32b + 8h + i: weights 64b + 8h + i (low), + 32 (high)
                     v = np.uint64(0)
                     for p in range(4):
-                        src = planes[p, j * rb + 4 * b + half:]
-                        v |= (spread[src[0]] << np.uint64(3 - p)) | (spread[src[2]] << np.uint64(7 - p))
+                        src = planes[p, j * rb + 8 * b + h:]
+                        v |= (spread[src[0]] << np.uint64(3 - p)) | (spread[src[4]] << np.uint64(7 - p))
                     for i in range(8):
-                        dst[16 * b + 8 * half + i] = np.uint8((v >> np.uint64(8 * i)) & np.uint64(0xFF))
+                        dst[32 * b + 8 * h + i] = np.uint8((v >> np.uint64(8 * i)) & np.uint64(0xFF))
 
 
 def nibble_form(layout: ExpertLayout) -> bool:

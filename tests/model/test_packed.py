@@ -58,8 +58,8 @@ def test_8_bits_are_byte_codes_of_the_whole_matrix(weight, monkeypatch):
 
 
 def test_4_bits_are_nibble_codes_of_the_whole_matrix(weight, monkeypatch):
-    """At 4 bits the codes are the top 4 bits of the whole matrix's planes, two per byte in Q4_0 order
-    (byte j of a block of 32: weight j low, weight j + 16 high), with the 4-bit planes' scale and
+    """At 4 bits the codes are the top 4 bits of the whole matrix's planes, two per byte (byte j of a
+    block of 64: weight j low, weight j + 32 high), with the 4-bit planes' scale and
     offset; rows dequantize exactly as the 4 planes do."""
     monkeypatch.setattr(packed, "ROWS_PER_BLOCK", 128)
     p = packed.pack_linear(weight, 4, reference)
@@ -68,9 +68,9 @@ def test_4_bits_are_nibble_codes_of_the_whole_matrix(weight, monkeypatch):
     planes = np.unpackbits(m.planes, axis=-1, bitorder="little")  # [8, O, Npad]
     top4 = sum(planes[k].astype(np.uint8) << (3 - k) for k in range(4))  # [O, Npad]
     want = np.zeros((ROWS, top4.shape[1] // 2), np.uint8)
-    for b in range(0, top4.shape[1], 32):
-        for j in range(16):
-            want[:, b // 2 + j] = top4[:, b + j] | (top4[:, b + 16 + j] << 4)
+    for b in range(0, top4.shape[1], 64):
+        for j in range(32):
+            want[:, b // 2 + j] = top4[:, b + j] | (top4[:, b + 32 + j] << 4)
     np.testing.assert_array_equal(p.codes, want)
     s = m.scale.astype(np.float32)
     np.testing.assert_array_equal(p.scale, 16 * s)
