@@ -149,6 +149,7 @@ def bench_shape(name, o, n, args, bits_list, tokens):
     layout, buf = random_expert({"w": (o, n)}, args.scheme, args.group)
     copies = pool_of(layout.nbytes, args.pool_mb)
     slab = np.tile(buf, (copies, 1))  # rows: distinct copies at distinct addresses
+    arena, units = nibble_arena(layout, slab)
     w32 = torch.randn(pool_of(o * n * 4, args.pool_mb), o, n)
     w16 = torch.randn(pool_of(o * n * 2, args.pool_mb), o, n, dtype=torch.bfloat16)
     reps = max(5, min(args.reps, int(args.reps * 4e6 / (o * n))))
@@ -159,13 +160,17 @@ def bench_shape(name, o, n, args, bits_list, tokens):
         t32 = median(cycling(lambda w, x=x: x @ w.T, list(w32)), reps)
         t16 = median(cycling(lambda w, x=x16: x @ w.T, list(w16)), reps)
         for bits in bits_list:
-            def ours_call(b, x=x, bits=bits):
-                return cpu.nested_matmul(layout, b, "w", x, bits)
-            ours_call(slab[0])
-            ours = median(cycling(ours_call, list(slab)), reps)
-            nbytes = layout.bytes_for_bits(bits)
-            rows.append([name, t, bits, ours * 1e6, nbytes / ours / 1e9, None, t16 * 1e6, t16 / ours,
-                         t32 * 1e6, t32 / ours])
+            runs = {"planes": cycling(lambda b, x=x, bits=bits: cpu.nested_matmul(layout, b, "w", x, bits),
+                                      list(slab))}
+            if arena is not None and bits in NIBBLE_BITS:  # the runtime's form of resident experts
+                runs["nibble form"] = cycling(lambda u, x=x, bits=bits: cpu.nested_matmul_units(
+                    layout, arena, u, "w", x, bits, nibble=True), list(units))
+            for form, run in runs.items():
+                run()
+                ours = median(run, reps)
+                nbytes = layout.bytes_for_bits(bits if form == "planes" else max(bits, 4))
+                rows.append([name, t, bits, form, ours * 1e6, nbytes / ours / 1e9, None, t16 * 1e6,
+                             t16 / ours, t32 * 1e6, t32 / ours])
     return rows
 
 
@@ -278,15 +283,16 @@ def main(argv=None) -> None:
     moe = bench_moe(args, [2, 3, 4, 8])
     bw = max(bw0, read_bandwidth(args.pool_mb))  # the quieter of two measurements, start and end
     for r in gemv + gemm:
-        r[5] = r[4] * 1e9 / bw
+        r[6] = r[5] * 1e9 / bw
     for r in moe:
         r[5] = r[4] * 1e9 / bw
     print(f"read bandwidth (numba streaming xor over {args.pool_mb} MB, {get_num_threads()} threads): "
           f"{bw / 1e9:.1f} GB/s (start {bw0 / 1e9:.1f})\n")
-    header = ["shape O x N", "T", "bits", "ours us", "GB/s", "of BW", "torch bf16 us", "bf16/ours",
+    header = ["shape O x N", "T", "bits", "held as", "ours us", "GB/s", "of BW", "torch bf16 us", "bf16/ours",
               "torch fp32 us", "fp32/ours"]
-    fmt = ["{}", "{}", "{}", "{:.0f}", "{:.1f}", "{:.0%}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.2f}x"]
-    print("GEMV (one token): y = x @ W_b.T\n" + table(header, gemv, fmt) + "\n")
+    fmt = ["{}", "{}", "{}", "{}", "{:.0f}", "{:.1f}", "{:.0%}", "{:.0f}", "{:.2f}x", "{:.0f}", "{:.2f}x"]
+    print("GEMV (one token): y = x @ W_b.T (nibble form: the runtime's form of resident experts run at 3-4\n"
+          "bits on AVX2, reading 4 bits)\n" + table(header, gemv, fmt) + "\n")
     print("GEMM (prefill chunk / several tokens on one expert)\n" + table(header, gemm, fmt) + "\n")
     moe = table(["T", "bits", "experts held as", "ms", "GB/s", "of BW"], moe,
                 ["{}", "{}", "{}", "{:.2f}", "{:.1f}", "{:.0%}"])

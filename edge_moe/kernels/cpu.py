@@ -794,18 +794,18 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
 # Parallel entry kernels: one numba call per matmul, per expert FFN, per MoE layer.
 
 @njit(cache=True, parallel=True, nogil=True)
-def _matmul_kernel(buf, starts, md, bits, mwq, x, W, out):
-    """out = x @ W_b.T for the matrix md of the contiguous expert range buf (chunk c at starts[c])."""
-    ca = _addr(buf) + starts
+def _matmul_kernel(ca, md, bits, mwq, nib, x, W, out):
+    """out = x @ W_b.T for the matrix md of an expert whose chunk c is at address ca[c] (nib: held in
+    nibble form)."""
     T = x.shape[0]
     dig, dsc, dsum = _digits_of(x, md)
-    xs = _avx2_inputs(dig, md, T > 1)
+    xs = _avx2_inputs(dig, md, T > 1, not nib or bits > ACT8_MAX_BITS)
     rows = np.arange(T)
     ones = np.ones(T, np.float32)
     nblk = -(-md[0] // ROWS_PER_ITEM)
     for b in prange(nblk):
         o0 = b * ROWS_PER_ITEM
-        _rows(ca, md, bits, mwq, False, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
+        _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
               W, out, rows, ones, False)
 
 
@@ -1032,13 +1032,27 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
                   bits: int) -> torch.Tensor:
     """y [T, O] = x [T, N] @ W_b.T."""
     plan = _plan(layout)
-    md = plan.md[matrix]
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
     bits = _check_bits(plan, buf.nbytes, bits, "expert buffer")
+    return _matmul(plan, matrix, _address(buf) + plan.starts, bits, False, x)
+
+
+def nested_matmul_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, matrix: str,
+                        x: torch.Tensor, bits: int, nibble: bool = False) -> torch.Tensor:
+    """nested_matmul on an expert held as arena units (the expert cache's form; nibble: rewritten by
+    to_nibble_form)."""
+    plan = _plan(layout)
+    ca = _checked_units(plan, arena, np.asarray(units, np.int64)[None], np.array([bits], np.int64),
+                        np.array([nibble], np.bool_))[0]
+    return _matmul(plan, matrix, ca, int(bits), bool(nibble), x)
+
+
+def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, nibble: bool, x) -> torch.Tensor:
+    md = plan.md[matrix]
     xs = _as_x(x, int(md[1]))
     out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
     if xs.shape[0]:
-        _matmul_kernel(buf, plan.starts, md, bits, plan.mwq, xs, _POWERS, out)
+        _matmul_kernel(ca, md, bits, plan.mwq, nibble, xs, _POWERS, out)
     return torch.from_numpy(out)
 
 
@@ -1121,16 +1135,25 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
     nibble[j]: entry j is held in nibble form (to_nibble_form; it then holds chunks 0..3)."""
     plan = _plan(layout)
     bits = np.asarray(bits, dtype=np.int64)
-    units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)[:, :MAX_BITS]
+    units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)
     nibs = np.zeros(len(bits), np.bool_) if nibble is None else np.asarray(nibble, np.bool_)
+    cas = _checked_units(plan, arena, units, bits, nibs)
+    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, nibs))
+
+
+def _checked_units(plan: _Plan, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
+                   nibs: np.ndarray) -> np.ndarray:
+    """Chunk addresses [E, 8] of entries held as arena units [E, >= 8] (_unit_addresses), or a
+    UsageError naming the first entry that cannot run."""
     if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
         raise UsageError("arena must be a C-contiguous uint8 array")
+    units = units[:, :MAX_BITS]
     cas, bad = _unit_addresses(units, bits, nibs, plan.nibble, arena)
     if bad >= 0:
         raise UsageError(f"entry {bad} at {bits[bad]} bits (nibble form: {bool(nibs[bad])}, which this "
                          f"layout has on this CPU: {plan.nibble}) lacks chunks or is out of range "
                          f"{BASE_BITS}..{MAX_BITS}: units {units[bad]}")
-    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, nibs))
+    return cas
 
 
 @njit(cache=True)

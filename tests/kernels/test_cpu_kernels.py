@@ -237,6 +237,24 @@ def test_nibble_form_rewrites_planes_in_place(expert):
             np.testing.assert_array_equal(arena[units[0, c], meta:], before[units[0, c], meta:])
 
 
+@pytest.mark.parametrize("t", [1, 2, 64])
+def test_nested_matmul_units_nibble_form_every_level(expert, t):
+    """The GEMV / GEMM on an expert in nibble form (and on its planes, as units) at every width, against
+    the reference on the plane form."""
+    layout, arena, units = _nibble_case(expert)
+    planes = arena.copy()
+    cpu.to_nibble_form(layout, arena, units[0])
+    buf = from_units(layout, planes, units[0], MAX_BITS)
+    for name, (_, n) in layout.matrices:
+        x = tokens(t, n, seed=t)
+        for b in BITS:
+            ref = reference.nested_matmul(layout, buf, name, x, b)
+            close(cpu.nested_matmul_units(layout, arena, units[0], name, x, b, nibble=True), ref)
+            close(cpu.nested_matmul_units(layout, planes, units[0], name, x, b), ref)
+    with pytest.raises(UsageError, match="nibble form: True"):  # reads chunks 0..3 even at 2 bits
+        cpu.nested_matmul_units(layout, arena, np.r_[units[0, :2], [-1] * 6], "down", x, 2, nibble=True)
+
+
 @pytest.mark.parametrize("t", [1, 2, 33])
 def test_moe_ffn_units_nibble_form_every_level(expert, t):
     """Experts in nibble form at every width (2-4 from the nibbles, 5-8 nibbles plus planes), beside
