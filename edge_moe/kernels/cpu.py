@@ -112,6 +112,7 @@ from edge_moe.kernels.simd import (
     _fsum,
     _fzero,
     _h2f,
+    _h2f16,
     _i2f,
     _i8zero,
     _izero,
@@ -316,16 +317,24 @@ def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
     ng, moff = md[3], md[7]
     kb = _low_mean(bits)
     span = ng + 16
-    for k in range(span):
-        T[k] = _ldf(Dsc + 4 * (k % ng)) * unit
-        T[span + k] = _ldf(Dsum + 4 * (k % ng))
+    for k0 in range(0, span, ng):  # (no k % ng: a 64-bit division per use cost more than the rest)
+        for g in range(min(ng, span - k0)):
+            T[k0 + g] = _ldf(Dsc + 4 * g) * unit
+            T[span + k0 + g] = _ldf(Dsum + 4 * g)
     TA, n, m = _addr(T), (o1 - o0) * ng, 2 * o0 * ng + moff
     sa, ma = _ldi(CA) + m, _ldi(CA + 8) + m
+    k = 0  # i % ng
     for i in range(0, n, 16):
-        r, k = min(16, n - i), i % ng
-        vs, vm = _h2f(sa + 2 * i, r), _h2f(ma + 2 * i, r)
+        r = min(16, n - i)
+        if r == 16:
+            vs, vm = _h2f16(sa + 2 * i), _h2f16(ma + 2 * i)
+        else:
+            vs, vm = _h2f(sa + 2 * i, r), _h2f(ma + 2 * i, r)
         _fstore(_fmul(vs, _fload(TA + 4 * k)), C + 4 * i)
         _fstore(_fmul(_fma_s(vm, vs, kb), _fload(TA + 4 * (span + k))), C + 4 * (n + 16 + i))
+        k += 16
+        while k >= ng:
+            k -= ng
 
 
 @njit(inline='always')

@@ -446,6 +446,17 @@ def _h2f(typingctx, a, n):
 
 
 @intrinsic
+def _h2f16(typingctx, a):
+    """The 16 fp16 values at address a as floats (_h2f without its masks)."""
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(builder, args[0], _VH), align=2)
+        if _F16C:
+            return builder.fpext(h, _VF)
+        return _half_to_float(builder, builder.bitcast(h, ir.VectorType(_I16, 16)))
+    return _f32x16(types.intp), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, a):
     """Hint the cache line at address a into the cache hierarchy (no fault if a is out of range)."""
     def codegen(context, builder, sig, args):
