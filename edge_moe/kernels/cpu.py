@@ -131,7 +131,7 @@ from edge_moe.kernels.simd import (
 XDIGIT_MAX = 127 * 256  # |x / d| bound: both balanced base-256 digits fit in int8, and the high
 # digit alone is x quantized to int8 with scale max|x_g| / 127
 MAX_GROUP = 4096  # (h << 8) + l of one group must fit in int32: 64 words * 130560 * 256 < 2^31
-ROWS_PER_ITEM = 64  # output rows per parallel work item
+ROWS_PER_ITEM = 256  # output rows per parallel work item (64 -> 256: OLMoE nibble-form layer call 0.90x)
 PREFETCH_BYTES = 2048  # how far ahead in each plane a GEMV row asks for its next rows
 DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's missing groups
 NOGF = False

@@ -189,9 +189,9 @@ def test_backend_registered_and_refuses_short_buffers(expert):
 @pytest.mark.parametrize("n", [512, 891, 1100])
 def test_nested_matmul_long_rows(scheme, n):
     """Rows of whole 512-input blocks plus a tail of 1-3 groups (the GEMV builds codes 512 at a time)
-    and enough rows that prefetches run ahead, at every level."""
+    and enough rows that prefetches run ahead and the rows span two work items, at every level."""
     rng = np.random.default_rng(n)
-    w = rng.standard_normal((150, n)).astype(np.float32) * 0.05
+    w = rng.standard_normal((cpu.ROWS_PER_ITEM + 44, n)).astype(np.float32) * 0.05
     layout = build_layout({"w": w.shape}, scheme, 128)
     buf = np.frombuffer(pack_expert(layout, {"w": quantize(w, scheme, 128)}), dtype=np.uint8)
     for bits in BITS:
