@@ -1,7 +1,8 @@
-"""Decode tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (experts 8/4/3/2 bits) on a real-shape model.
+"""Decode and prefill tokens/s of llama.cpp (Q8_0, Q4_0, Q4_K_M) and edge-moe (experts 2-8 bits), one model.
 
     python tools/bench_vs_llamacpp.py --work DIR [--llama-cpp LLAMA_CPP_DIR] [--layers 4]
-        [--tokens 64] [--repeats 5] [--depth 0] [--threads 2] [--configs 8:8 4:8 3:8 2:8 4:4 4:16]
+        [--tokens 64] [--prefill 64] [--repeats 5] [--depth 0] [--threads 2]
+        [--configs 8:8 4:8 3:8 2:8 4:4 4:16]
         [--llama-bench PATH] [--llama-quantize PATH] [--convert-script PATH]
 
 One run: writes (or reuses, under --work) an OLMoE-1B-7B-shaped checkpoint with random weights and
@@ -12,9 +13,11 @@ edge-moe 4-bit experts / llama.cpp Q4_0. An edge-moe config EXPERT:DENSE gives t
 attention at 4.5 bits and the LM head at Q6_K, so 4:4 is the like-for-like row and 4:8 the default.
 Both sides: --threads threads, every weight in RAM, --tokens
 single-token forward passes per repeat after a --depth-token context (llama-bench -d; the edge-moe
-prompt, at least 1 token) that is not timed, median of --repeats. --depth is 0 by default because
-this llama.cpp build segfaults in prompt processing (ggml_backend_amx_mul_mat, batch > 1) on this
-AMX-capable CPU; decode is unaffected. The llama.cpp rows are skipped, with a message, when
+prompt, at least 1 token) that is not timed, median of --repeats; and prefill: one --prefill-token
+prompt (llama-bench pp; edge-moe's prefill in chunks of its prefill_chunk), median of --repeats.
+--depth is 0 by default because this llama.cpp build segfaults in prompt processing
+(ggml_backend_amx_mul_mat, batch > 1) on AMX-capable CPUs (pass --prefill 0 there); decode is
+unaffected. The llama.cpp rows are skipped, with a message, when
 llama-bench, llama-quantize or convert_hf_to_gguf.py is not found.
 
 llama.cpp build used (llama-cpp-python 0.3.36 sdist, vendored llama.cpp 0c1e570; gcc 12.2, cmake 3.25):
@@ -129,9 +132,10 @@ def gguf_files(ckpt: Path, convert: Path, quantize: Path) -> dict[str, Path]:
     return out
 
 
-def llama_bench(bench: Path, files: dict[str, Path], args) -> dict[str, list[float]]:
-    """{type: tokens/s of each repeat}: llama-bench tg (n_gen forward passes after n_depth context)."""
-    cmd = [bench, "-t", args.threads, "-p", 0, "-n", args.tokens, "-r", args.repeats, "-o", "json"]
+def llama_bench(bench: Path, files: dict[str, Path], args) -> tuple[dict, dict]:
+    """({type: tokens/s of each repeat} of llama-bench tg (n_gen forward passes after n_depth context),
+    the same of pp (one --prefill-token prompt; empty without --prefill))."""
+    cmd = [bench, "-t", args.threads, "-p", args.prefill, "-n", args.tokens, "-r", args.repeats, "-o", "json"]
     if args.depth:
         cmd += ["-d", args.depth]
     for f in files.values():
@@ -139,7 +143,11 @@ def llama_bench(bench: Path, files: dict[str, Path], args) -> dict[str, list[flo
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"llama-bench failed ({res.returncode}): {res.stderr[-3000:]}")
-    return {t: r["samples_ts"] for t, r in zip(files, json.loads(res.stdout), strict=True)}
+    by_file = {str(f): t for t, f in files.items()}
+    tg, pp = {}, {}
+    for r in json.loads(res.stdout):
+        (pp if r["n_gen"] == 0 else tg)[by_file[r["model_filename"]]] = r["samples_ts"]
+    return tg, pp
 
 
 def preload_all(m) -> None:
@@ -165,7 +173,12 @@ def time_bits(m, prompt: list[int], bits: int, args) -> dict:
         rates.append(n / s["decode_s"])
         expert_ms.append(1e3 * (s["expert_compute_s"] - prefill_expert_s) / n)
         read += s["bytes_read"]
-    return {"rates": rates, "expert_ms": statistics.median(expert_ms), "bytes_read": read}
+    long_prompt = np.random.default_rng(1).integers(0, m.config.vocab_size, size=args.prefill).tolist()
+    prefill = []
+    for _ in range(args.repeats if args.prefill else 0):
+        list(m.generate_ids(long_prompt, max_tokens=1, bits=bits))
+        prefill.append(args.prefill / m.stats["prefill_s"])
+    return {"rates": rates, "prefill": prefill, "expert_ms": statistics.median(expert_ms), "bytes_read": read}
 
 
 def edge_moe_bench(path: Path, args) -> tuple[dict[tuple[int, int], dict], str]:
@@ -186,11 +199,14 @@ def edge_moe_bench(path: Path, args) -> tuple[dict[tuple[int, int], dict], str]:
     return out, backend
 
 
-def row(engine: str, weights: str, gb: float, rates: list[float], ref: float | None, note: str) -> str:
+def row(engine: str, weights: str, gb: float, rates: list[float], ref: float | None, prefill: list[float],
+        pref: float | None, note: str) -> str:
     med = statistics.median(rates)
     vs = f"{med / ref:.2f}x" if ref else "-"
     spread = f"{min(rates):.2f}-{max(rates):.2f}"
-    return f"| {engine} | {weights} | {gb:.2f} | {med:.2f} | {spread} | {vs} | {note} |"
+    pp = statistics.median(prefill) if prefill else None
+    pp_cells = f"{pp:.1f} | {pp / pref:.2f}x" if pp and pref else f"{pp:.1f} | -" if pp else "- | -"
+    return f"| {engine} | {weights} | {gb:.2f} | {med:.2f} | {spread} | {vs} | {pp_cells} | {note} |"
 
 
 def print_header(args, ckpt: Path, backend: str, loads: list[float]) -> None:
@@ -208,21 +224,25 @@ def print_header(args, ckpt: Path, backend: str, loads: list[float]) -> None:
           f"{loads[0]:.2f} before, {loads[-1]:.2f} after\n")
 
 
-def print_table(ggufs: dict, llama: dict, emoe: Path, edge: dict) -> None:
+def print_table(ggufs: dict, llama: dict, llama_pp: dict, emoe: Path, edge: dict) -> None:
     from edge_moe.api import describe
 
     d = describe(emoe)
     ref = statistics.median(llama["Q4_0"]) if "Q4_0" in llama else None
-    print("| engine | weights | GB | decode tok/s | min-max | vs llama.cpp Q4_0 | notes |")
-    print("|---|---|---|---|---|---|---|")
+    pref = statistics.median(llama_pp["Q4_0"]) if "Q4_0" in llama_pp else None
+    print("| engine | weights | GB | decode tok/s | min-max | vs llama.cpp Q4_0 | prefill tok/s | vs Q4_0 "
+          "| notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for t, rates in llama.items():
-        print(row("llama.cpp", t, ggufs[t].stat().st_size / 1e9, rates, ref, "llama-bench tg, random tokens"))
+        print(row("llama.cpp", t, ggufs[t].stat().st_size / 1e9, rates, ref, llama_pp.get(t, []), pref,
+                  "llama-bench tg and pp, random tokens"))
     for (bits, dense), r in edge.items():
         gb = (r["dense_bytes"] + d["expert_bytes_by_bits"][bits]) / 1e9
         note = (f"greedy; experts {r['expert_ms']:.1f} of {1e3 / statistics.median(r['rates']):.1f} ms/token; "
                 f"{r['bytes_read']} B read from file while timed")
         dense_name = "bf16 dense" if dense == 16 else f"{dense}-bit dense"
-        print(row("edge-moe", f"{bits}-bit experts, {dense_name}", gb, r["rates"], ref, note))
+        print(row("edge-moe", f"{bits}-bit experts, {dense_name}", gb, r["rates"], ref, r["prefill"], pref,
+                  note))
     print("\nGB: the GGUF file; edge-moe: its resident dense part (embedding, attention, LM head, routers) "
           "plus "
           "the expert bit-planes used at that width (all 8 planes are resident).")
@@ -244,6 +264,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--depth", type=int, default=0, help="context tokens before the timed decode")
+    ap.add_argument("--prefill", type=int, default=64, help="prompt tokens of the timed prefill (0: none)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (edge-moe: its default)")
     ap.add_argument("--configs", nargs="+", default=EDGE_CONFIGS, help="edge-moe EXPERT_BITS:DENSE_BITS rows")
     return ap.parse_args()
@@ -258,18 +279,18 @@ def main() -> None:
              "convert_hf_to_gguf.py": Path(args.convert_script) if args.convert_script else
              args.llama_cpp / "convert_hf_to_gguf.py" if args.llama_cpp else None}
     missing = [name for name, p in tools.items() if p is None or not p.exists()]
-    ggufs, llama = {}, {}
+    ggufs, llama, llama_pp = {}, {}, {}
     if missing:
         print(f"SKIPPING the llama.cpp rows: not found: {', '.join(missing)} (pass --llama-cpp or the paths)\n")
     else:
         ggufs = gguf_files(ckpt, tools["convert_hf_to_gguf.py"], tools["llama-quantize"])
     loads = [os.getloadavg()[0]]
     if ggufs:
-        llama = llama_bench(tools["llama-bench"], ggufs, args)
+        llama, llama_pp = llama_bench(tools["llama-bench"], ggufs, args)
     edge, backend = edge_moe_bench(emoe, args)
     loads.append(os.getloadavg()[0])
     print_header(args, ckpt, backend, loads)
-    print_table(ggufs, llama, emoe, edge)
+    print_table(ggufs, llama, llama_pp, emoe, edge)
 
 
 if __name__ == "__main__":
