@@ -54,11 +54,14 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
 - T > 1 (prefill chunks, several tokens on one expert): the codes of a group are built once into L1
   (mask adds) and reused by every token, 4 tokens per pass. Experts in nibble form at <= 4 bits
   instead run the GEMV once per token over blocks of rows that stay in L2 (PASS_BYTES): the nibbles
-  need no building, and that GEMV's loop beat this one 1.6-2.3x. `moe_ffn` runs all active experts of a
-  layer in one numba call with two parallel loops, one share per thread: a contiguous part of the
-  gate_up rows of every expert, then of the down rows (each thread owns its output rows, so no
-  atomics); expert_ffn and expert_ffn_units are that call
-  with one expert. On AVX2 the codes of <= 4 bits are built as q >> (8 - b) and dotted with
+  need no building, and that GEMV's loop beat this one 1.6-2.3x. msb planes at group 128 and <= 4
+  bits on AVX2 are first written as nibbles of such a block in scratch (_nibble_rows), then the same:
+  OLMoE 2048x1024, T = 2 / 16 / 64, 2 bits 0.38 / 0.99 / 2.81 ms against 0.51 / 1.75 / 3.78, 4 bits
+  0.52 / 1.14 / 3.32 against 0.57 / 1.57 / 5.18 (T = 4 at 4 bits: 0.61 against 0.55).
+  `moe_ffn` runs all active experts of a layer in one numba call with two parallel loops, one share
+  per thread: a contiguous part of the gate_up rows of every expert, then of the down rows (each
+  thread owns its output rows, so no atomics); expert_ffn and expert_ffn_units are that call with
+  one expert. On AVX2 the codes of <= 4 bits are built as q >> (8 - b) and dotted with
   vpmaddubsw, wider ones with the int16 activations and vpmaddwd.
 Measured on the 2-core AVX-512 Xeon of issue 3 (cycles per group of 128 weights, one thread, N = 4096,
 weights in L2, at 2 / 4 / 8 bits; DRAM-resident timings: tools/bench_kernels.py):
@@ -119,6 +122,7 @@ from edge_moe.kernels.simd import (
     _i8zero,
     _izero,
     _join_digits,
+    _ldb,
     _ldf,
     _ldi,
     _nib_codes64,
@@ -555,12 +559,13 @@ def _row_offsets(p, n):
 
 
 @njit(cache=True)
-def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y):
+def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y, nq=0):
     """_gemv for an msb expert held in nibble form (group 128, on AVX2): the top 4 bits of each code
     from its nibble (masked to the top bits below 4 bits) and, above 4 bits, the rest from planes
     4..bits-1 (simd._dot256_low, strided int16 activations X16) in the same group sums.
     q = 16 n + r: int8 activations (bits <= 4) give C[g] * 16 (n . h); int16 ones
-    C[g] * (4096 (n . h) + 16 (n . l)) + C[g] * (r . x16)."""
+    C[g] * (4096 (n . h) + 16 (n . l)) + C[g] * (r . x16).
+    nq != 0 (bits <= 4 only): row o's nibbles are at nq + (o - o0) 4 rb instead (_nibble_rows)."""
     CA, C = _addr(ca), _addr(coef)
     ng, ngp, rb, poff = md[3], md[4], md[5], md[6]
     npad, dist = ng * 128, -(-PREFETCH_BYTES // (4 * rb))
@@ -576,9 +581,9 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y):
     for o in range(o0, o1):
         c = C + 4 * (o - o0) * ng
         acc, yo = _row_offsets(c + 4 * (n + 16), ng)
-        q = _nibble_addr(CA, poff, rb, o)
+        q = nq + (o - o0) * 4 * rb if nq else _nibble_addr(CA, poff, rb, o)
         if one:
-            ahead = o + dist < md[0]
+            ahead = o + dist < md[0] and not nq
             qa = _nibble_addr(CA, poff, rb, o + dist)
             if ahead:
                 _prefetch_meta(CA, md, o + dist)
@@ -795,6 +800,18 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
                 X8, X16 = _addr(x8) + x8.shape[1] * r, _addr(x16) + 2 * x16.shape[1] * r
                 _gemv(ca, md, bits, mwq, nib, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
                       s0, s1, W, coef, tile, y[i, s0 - o0:])
+    elif STRIDED and not mwq and md[2] == 128 and bits <= ACT8_MAX_BITS:  # planes -> nibbles per block
+        coef = np.empty(max(8 * ngp, 2 * (o1 - o0) * md[3] + 32), np.float32)
+        tile = np.empty(2 * (md[3] + 16), np.float32)
+        step = max(4, PASS_BYTES // (64 * md[3]))
+        nib_rows = np.empty(step * 4 * md[5], np.uint8)
+        for s0 in range(o0, o1, step):
+            s1 = min(o1, s0 + step)
+            _nibble_rows(_addr(ca), md, bits, s0, s1, nib_rows)
+            for i in range(n):
+                r = drows[d0 + i]
+                _gemv_nibble(ca, md, bits, _addr(dig) + 2 * md[3] * md[2] * r, 0, _addr(dsc) + 4 * ngp * r,
+                             _addr(dsum) + 8 * ngp * r, s0, s1, coef, tile, y[i, s0 - o0:], _addr(nib_rows))
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
         _gemm(ca, md, bits, mwq, nib, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W,
@@ -968,6 +985,24 @@ def _to_nibbles(arena, units, md, spread):
                         v |= (spread[src[0]] << np.uint64(3 - p)) | (spread[src[4]] << np.uint64(7 - p))
                     for i in range(8):
                         dst[32 * b + 8 * h + i] = np.uint8((v >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+@njit(inline='always')
+def _nibble_rows(CA, md, bits, o0, o1, out):
+    """Rows o0..o1 of an msb matrix held as planes (chunk addresses at CA) as nibble codes of their top
+    min(bits, 4) planes (zeros below; to_nibbles' order), row o at out[(o - o0) 4 rb]: _to_nibbles
+    into scratch, for the per-token GEMVs of _rows."""
+    rb, poff = md[5], md[6]
+    words = out.view(np.uint64)
+    for o in range(o0, o1):
+        at = (o - o0) * rb // 2  # in words: 4 rb bytes per row
+        for b in range(rb // 8):
+            for h in range(4):  # out bytes 32b + 8h + i: weights 64b + 8h + i (low), + 32 (high)
+                v = np.uint64(0)
+                for p in range(min(bits, 4)):
+                    a = _ldi(CA + 8 * p) + poff + o * rb + 8 * b + h
+                    v |= (_SPREAD[_ldb(a)] << np.uint64(3 - p)) | (_SPREAD[_ldb(a + 4)] << np.uint64(7 - p))
+                words[at + 4 * b + h] = v
 
 
 def nibble_form(layout: ExpertLayout) -> bool:

@@ -376,6 +376,14 @@ def _ldi(typingctx, a):
 
 
 @intrinsic
+def _ldb(typingctx, a):
+    """The byte at address a, zero-extended."""
+    def codegen(context, builder, sig, args):
+        return builder.zext(builder.load(_ptr(builder, args[0], _I8), align=1), _I64)
+    return types.intp(types.intp), codegen
+
+
+@intrinsic
 def _fsplat(typingctx, c):
     return _f32x16(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VF)
 
