@@ -168,7 +168,7 @@ def bench_shape(name, o, n, args, bits_list, tokens):
             for form, run in runs.items():
                 run()
                 ours = median(run, reps)
-                nbytes = layout.bytes_for_bits(bits if form == "planes" else max(bits, 4))
+                nbytes = layout.bytes_for_bits(read_bits(form, bits))
                 rows.append([name, t, bits, form, ours * 1e6, nbytes / ours / 1e9, None, t16 * 1e6,
                              t16 / ours, t32 * 1e6, t32 / ours])
     return rows
@@ -202,9 +202,14 @@ def bench_moe(args, bits_list):
             for form, run in runs.items():
                 run()
                 tm = median(run, max(5, args.reps // (4 if t == 1 else 20)))
-                nbytes = experts * layout.bytes_for_bits(bits if form == "planes" else max(bits, 4))
+                nbytes = experts * layout.bytes_for_bits(read_bits(form, bits))
                 rows.append([t, bits, form, tm * 1e3, nbytes / tm / 1e9, None])
     return rows
+
+
+def read_bits(form: str, bits: int) -> int:
+    """The bits per weight a call reads: the nibble form reads its 4-bit codes at 2-4 bits."""
+    return bits if form == "planes" else max(bits, 4)
 
 
 def nibble_arena(layout, slab: np.ndarray):

@@ -56,8 +56,9 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   instead run the GEMV once per token over blocks of rows that stay in L2 (PASS_BYTES): the nibbles
   need no building, and that GEMV's loop beat this one 1.6-2.3x. msb planes at group 128 and <= 4
   bits on AVX2 are first written as nibbles of such a block in scratch (_nibble_rows), then the same:
-  OLMoE 2048x1024, T = 2 / 16 / 64, 2 bits 0.38 / 0.99 / 2.81 ms against 0.51 / 1.75 / 3.78, 4 bits
-  0.52 / 1.14 / 3.32 against 0.57 / 1.57 / 5.18 (T = 4 at 4 bits: 0.61 against 0.55).
+  OLMoE 2048x1024, T = 4 / 64, 2 bits 0.41 / 2.37 ms against 0.49 / 4.18, 4 bits 0.56 / 3.50 against
+  0.59 / 5.47 (with the plane addresses reloaded per word, as first written, T = 4 at 4 bits took
+  0.61 ms against 0.55).
   `moe_ffn` runs all active experts of a layer in one numba call with two parallel loops, one share
   per thread: a contiguous part of the gate_up rows of every expert, then of the down rows (each
   thread owns its output rows, so no atomics); expert_ffn and expert_ffn_units are that call with
@@ -787,31 +788,32 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
     # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
     ngp = md[4]
     y = np.empty((n, o1 - o0), np.float32)
-    if n == 1 or (nib and bits <= ACT8_MAX_BITS):  # one token, or a GEMV per token (see PASS_BYTES)
+    # more than one token, at <= 4 bits on AVX2: a GEMV per token over blocks of rows (PASS_BYTES),
+    # from the nibble form, or from nibbles of the block's msb planes (at group 128) written in scratch
+    planes = not nib and not mwq and STRIDED and md[2] == 128
+    if n == 1 or (bits <= ACT8_MAX_BITS and (nib or planes)):
         x8, x16 = xs[0], xs[1]
         coef = np.empty(max(8 * ngp, 2 * (o1 - o0) * md[3] + 32), np.float32)  # also _row_coefs' C
         tile = np.empty(2 * (md[3] + 16), np.float32)
         step = o1 - o0 if n == 1 else max(4, PASS_BYTES // (64 * md[3]))
+        scratch = n > 1 and planes
+        nib_rows = np.empty(step * 4 * md[5] if scratch else 0, np.uint8)
         for s0 in range(o0, o1, step):
             s1 = min(o1, s0 + step)
+            if STRIDED:  # a constant (as in _gemv): no other target compiles the nibble kernels
+                if scratch:
+                    _nibble_rows(_addr(ca), md, bits, s0, s1, nib_rows)
             for i in range(n):
                 r = drows[d0 + i]
                 X = _addr(dig) + 2 * md[3] * md[2] * r
+                ds, dsm = _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r
+                if STRIDED:
+                    if scratch:
+                        _gemv_nibble(ca, md, bits, X, 0, ds, dsm, s0, s1, coef, tile, y[i, s0 - o0:],
+                                     _addr(nib_rows))
+                        continue
                 X8, X16 = _addr(x8) + x8.shape[1] * r, _addr(x16) + 2 * x16.shape[1] * r
-                _gemv(ca, md, bits, mwq, nib, X, X8, X16, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r,
-                      s0, s1, W, coef, tile, y[i, s0 - o0:])
-    elif STRIDED and not mwq and md[2] == 128 and bits <= ACT8_MAX_BITS:  # planes -> nibbles per block
-        coef = np.empty(max(8 * ngp, 2 * (o1 - o0) * md[3] + 32), np.float32)
-        tile = np.empty(2 * (md[3] + 16), np.float32)
-        step = max(4, PASS_BYTES // (64 * md[3]))
-        nib_rows = np.empty(step * 4 * md[5], np.uint8)
-        for s0 in range(o0, o1, step):
-            s1 = min(o1, s0 + step)
-            _nibble_rows(_addr(ca), md, bits, s0, s1, nib_rows)
-            for i in range(n):
-                r = drows[d0 + i]
-                _gemv_nibble(ca, md, bits, _addr(dig) + 2 * md[3] * md[2] * r, 0, _addr(dsc) + 4 * ngp * r,
-                             _addr(dsum) + 8 * ngp * r, s0, s1, coef, tile, y[i, s0 - o0:], _addr(nib_rows))
+                _gemv(ca, md, bits, mwq, nib, X, X8, X16, ds, dsm, s0, s1, W, coef, tile, y[i, s0 - o0:])
     else:
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
         _gemm(ca, md, bits, mwq, nib, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W,
@@ -966,11 +968,12 @@ _SPREAD = np.array([sum(((b >> j) & 1) << (8 * j) for j in range(8)) for b in ra
 
 
 @njit(cache=True, nogil=True)
-def _to_nibbles(arena, units, md, spread):
+def _to_nibbles(arena, units, md):
     """Planes 0-3 of matrix md in arena units[0..3] -> nibble rows (_nibble_addr): per 4 rows the same
-    bytes, so the rewrite is in place. Per 64 weights, byte j = code j | code j + 32 << 4 (to_nibbles)."""
+    bytes, so the rewrite is in place (from a copy of those bytes; _nibble_rows' words)."""
     rb, poff = md[5], md[6]
     planes = np.empty((4, 4 * rb), np.uint8)
+    P = _addr(planes)
     for k in range(md[0] // 4):
         s = poff + 4 * k * rb
         for p in range(4):
@@ -978,11 +981,10 @@ def _to_nibbles(arena, units, md, spread):
         for j in range(4):
             dst = arena[units[j], s:s + 4 * rb]
             for b in range(rb // 8):
-                for h in range(4):  # out bytes 32b + 8h + i: weights 64b + 8h + i (low), + 32 (high)
-                    v = np.uint64(0)
-                    for p in range(4):
-                        src = planes[p, j * rb + 8 * b + h:]
-                        v |= (spread[src[0]] << np.uint64(3 - p)) | (spread[src[4]] << np.uint64(7 - p))
+                for h in range(4):
+                    a = P + j * rb + 8 * b + h  # plane p's byte at a + 4 rb p
+                    v = (_nibble_bits(a, 3) | _nibble_bits(a + 4 * rb, 2) | _nibble_bits(a + 8 * rb, 1)
+                         | _nibble_bits(a + 12 * rb, 0))
                     for i in range(8):
                         dst[32 * b + 8 * h + i] = np.uint8((v >> np.uint64(8 * i)) & np.uint64(0xFF))
 
@@ -990,19 +992,30 @@ def _to_nibbles(arena, units, md, spread):
 @njit(inline='always')
 def _nibble_rows(CA, md, bits, o0, o1, out):
     """Rows o0..o1 of an msb matrix held as planes (chunk addresses at CA) as nibble codes of their top
-    min(bits, 4) planes (zeros below; to_nibbles' order), row o at out[(o - o0) 4 rb]: _to_nibbles
-    into scratch, for the per-token GEMVs of _rows."""
+    min(bits, 4) planes (zeros below; to_nibbles' order), row o at out[(o - o0) 4 rb]."""
     rb, poff = md[5], md[6]
     words = out.view(np.uint64)
+    p0, p1 = _ldi(CA) + poff, _ldi(CA + 8) + poff  # loaded once: the stores below could alias CA
+    p2 = _ldi(CA + 16) + poff if bits > 2 else 0
+    p3 = _ldi(CA + 24) + poff if bits > 3 else 0
     for o in range(o0, o1):
         at = (o - o0) * rb // 2  # in words: 4 rb bytes per row
         for b in range(rb // 8):
             for h in range(4):  # out bytes 32b + 8h + i: weights 64b + 8h + i (low), + 32 (high)
-                v = np.uint64(0)
-                for p in range(min(bits, 4)):
-                    a = _ldi(CA + 8 * p) + poff + o * rb + 8 * b + h
-                    v |= (_SPREAD[_ldb(a)] << np.uint64(3 - p)) | (_SPREAD[_ldb(a + 4)] << np.uint64(7 - p))
+                a = o * rb + 8 * b + h
+                v = _nibble_bits(p0 + a, 3) | _nibble_bits(p1 + a, 2)
+                if bits > 2:
+                    v |= _nibble_bits(p2 + a, 1)
+                    if bits > 3:
+                        v |= _nibble_bits(p3 + a, 0)
                 words[at + 4 * b + h] = v
+
+
+@njit(inline='always')
+def _nibble_bits(a, shift):
+    """Plane bytes a (weights 8h..8h+7) and a + 4 (weights 8h+32..) spread into 8 nibble-code bytes, at
+    bit `shift` of the low nibbles and shift + 4 of the high ones."""
+    return (_SPREAD[_ldb(a)] << np.uint64(shift)) | (_SPREAD[_ldb(a + 4)] << np.uint64(shift + 4))
 
 
 def nibble_form(layout: ExpertLayout) -> bool:
@@ -1021,7 +1034,7 @@ def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -
     if not nibble_form(layout) or len(units) < 4 or (units < 0).any() or arena.dtype != np.uint8:
         raise UsageError(f"no nibble form for this layout on this CPU, or units {units} lack chunks 0..3")
     for md in _plan(layout).md.values():
-        _to_nibbles(arena, units, md, _SPREAD)
+        _to_nibbles(arena, units, md)
 
 
 # ---------------------------------------------------------------------------------------------

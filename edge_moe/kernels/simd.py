@@ -552,8 +552,6 @@ def _codes512(typingctx, width, bits, q0, q1, q2, q3, q4, q5, q6, q7):
 # 15 at W <= 4 (vpmaddubsw with int8 activations cannot saturate), 255 at W = 8 (vpmaddwd with int16
 # activations). Bytes 0-15 of a register are group g, 16-31 group g+1.
 
-
-
 def _load32(builder, a, nbytes):
     """32 bytes at address a, or 16 and zeros (nbytes 16: nothing past them is read)."""
     if nbytes == 32:
