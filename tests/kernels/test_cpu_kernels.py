@@ -253,6 +253,8 @@ def test_nested_matmul_units_nibble_form_every_level(expert, t):
             close(cpu.nested_matmul_units(layout, planes, units[0], name, x, b), ref)
     with pytest.raises(UsageError, match="nibble form: True"):  # reads chunks 0..3 even at 2 bits
         cpu.nested_matmul_units(layout, arena, np.r_[units[0, :2], [-1] * 6], "down", x, 2, nibble=True)
+    with pytest.raises(UsageError, match="must be 8 unit indices"):
+        cpu.nested_matmul_units(layout, arena, units[0, :4], "down", x, 4)
 
 
 @pytest.mark.parametrize("t", [1, 2, 33])
