@@ -564,7 +564,7 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y, nq=0):
     """_gemv for an msb expert held in nibble form (group 128, on AVX2): the top 4 bits of each code
     from its nibble (masked to the top bits below 4 bits) and, above 4 bits, the rest from planes
     4..bits-1 (simd._dot256_low, strided int16 activations X16) in the same group sums.
-    q = 16 n + r: int8 activations (bits <= 4) give C[g] * 16 (n . h); int16 ones
+    q = 16 n + r: int8 activations (bits <= 4) give C[g] (n . h), the 16 taken into C; int16 ones
     C[g] * (4096 (n . h) + 16 (n . l)) + C[g] * (r . x16).
     nq != 0 (bits <= 4 only): row o's nibbles are at nq + (o - o0) 4 rb instead (_nibble_rows)."""
     CA, C = _addr(ca), _addr(coef)
@@ -578,7 +578,8 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y, nq=0):
     p6 = _ldi(CA + 48) + poff if bits > 6 else p4
     p7 = _ldi(CA + 56) + poff if bits > 7 else p4
     full, n = ng // 2, (o1 - o0) * ng
-    _row_coefs(CA, md, bits, o0, o1, Dsc, S, unit, C, tile)
+    # int8 activations: the codes' 16 folded into C (a scalar multiply per group in the loop cost more)
+    _row_coefs(CA, md, bits, o0, o1, Dsc, S, unit * np.float32(16.0) if one else unit, C, tile)
     for o in range(o0, o1):
         c = C + 4 * (o - o0) * ng
         acc, yo = _row_offsets(c + 4 * (n + 16), ng)
@@ -591,8 +592,7 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y, nq=0):
             for g in range(ng):  # a line of the row ahead per group: no prefetch loop of its own
                 if ahead:
                     _prefetch(qa + 64 * g)
-                acc = _fma8(acc, _dot_nib128(_i8zero(), q + 64 * g, X + 128 * g, mask),
-                            _ldf(c + 4 * g) * np.float32(16.0))
+                acc = _fma8(acc, _dot_nib128(_i8zero(), q + 64 * g, X + 128 * g, mask), _ldf(c + 4 * g))
         else:
             _prefetch_nibble_row(CA, md, bits, o + dist)
             for g in range(ng):
