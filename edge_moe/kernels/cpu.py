@@ -1114,29 +1114,29 @@ def nested_matmul_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarr
     if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
         raise UsageError("arena must be a C-contiguous uint8 array")
     units = np.ascontiguousarray(units, np.int64)
-    out, bad = _units_matmul(arena, units, int(bits), bool(nibble), plan.nibble, md, plan.mwq,
-                             _as_x(x, int(md[1])), _POWERS)
+    xs = _as_x(x, int(md[1]))
+    ca, out, bad = _units_matmul_inputs(arena, units, int(bits), bool(nibble), plan.nibble, xs.shape[0], md)
     if bad >= 0:  # the reason, from the checks moe_ffn_units runs
         if units.shape != (MAX_BITS,):
             raise UsageError(f"units must be {MAX_BITS} unit indices (-1: not held), got {units}")
         _checked_units(plan, arena, units[None], np.array([bits], np.int64), np.array([nibble], np.bool_))
+    if xs.shape[0]:  # called from Python: numba issue #8578, a cached njit caller of a parallel kernel crashes
+        _matmul_kernel(ca, md, int(bits), plan.mwq, bool(nibble), xs, _POWERS, out)
     return torch.from_numpy(out)
 
 
 @njit(cache=True, nogil=True)
-def _units_matmul(arena, units, bits, nib, nibble_ok, md, mwq, x, W):
-    """(y [T, O], -1) of nested_matmul_units, checks included, in one call from Python; (zeros, 0)
-    when units [8] cannot run at bits (_unit_addresses). Python's own steps (arrays for the checks,
+def _units_matmul_inputs(arena, units, bits, nib, nibble_ok, T, md):
+    """(chunk addresses [8], zeros [T, O], -1) for nested_matmul_units in one call from Python, or bad
+    >= 0 when units [8] cannot run at bits (_unit_addresses). Python's own steps (arrays for the checks,
     the output) cost ~25 us per call when each call streams its matrix from DRAM, as the OLMoE
     2048x1024 GEMV's read itself takes ~35 us."""
-    out = np.zeros((x.shape[0], md[0]), np.float32)
+    out = np.zeros((T, md[0]), np.float32)
     if units.ndim != 1 or units.shape[0] != MAX_BITS:
-        return out, 0
+        return np.zeros(MAX_BITS, np.int64), out, 0
     cas, bad = _unit_addresses(units.reshape((1, units.shape[0])), np.full(1, bits), np.full(1, nib),
                                nibble_ok, arena)
-    if bad < 0 and x.shape[0]:
-        _matmul_kernel(cas[0], md, bits, mwq, nib, x, W, out)
-    return out, bad
+    return cas[0].copy(), out, bad
 
 
 def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, nibble: bool, x) -> torch.Tensor:
