@@ -1110,33 +1110,9 @@ def nested_matmul_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarr
     """nested_matmul on an expert held as arena units (the expert cache's form; nibble: rewritten by
     to_nibble_form)."""
     plan = _plan(layout)
-    md = plan.md[matrix]
-    if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
-        raise UsageError("arena must be a C-contiguous uint8 array")
-    units = np.ascontiguousarray(units, np.int64)
-    xs = _as_x(x, int(md[1]))
-    ca, out, bad = _units_matmul_inputs(arena, units, int(bits), bool(nibble), plan.nibble, xs.shape[0], md)
-    if bad >= 0:  # the reason, from the checks moe_ffn_units runs
-        if units.shape != (MAX_BITS,):
-            raise UsageError(f"units must be {MAX_BITS} unit indices (-1: not held), got {units}")
-        _checked_units(plan, arena, units[None], np.array([bits], np.int64), np.array([nibble], np.bool_))
-    if xs.shape[0]:  # called from Python: numba issue #8578, a cached njit caller of a parallel kernel crashes
-        _matmul_kernel(ca, md, int(bits), plan.mwq, bool(nibble), xs, _POWERS, out)
-    return torch.from_numpy(out)
-
-
-@njit(cache=True, nogil=True)
-def _units_matmul_inputs(arena, units, bits, nib, nibble_ok, T, md):
-    """(chunk addresses [8], zeros [T, O], -1) for nested_matmul_units in one call from Python, or bad
-    >= 0 when units [8] cannot run at bits (_unit_addresses). Python's own steps (arrays for the checks,
-    the output) cost ~25 us per call when each call streams its matrix from DRAM, as the OLMoE
-    2048x1024 GEMV's read itself takes ~35 us."""
-    out = np.zeros((T, md[0]), np.float32)
-    if units.ndim != 1 or units.shape[0] != MAX_BITS:
-        return np.zeros(MAX_BITS, np.int64), out, 0
-    cas, bad = _unit_addresses(units.reshape((1, units.shape[0])), np.full(1, bits), np.full(1, nib),
-                               nibble_ok, arena)
-    return cas[0].copy(), out, bad
+    ca = _checked_units(plan, arena, np.asarray(units, np.int64)[None], np.array([bits], np.int64),
+                        np.array([nibble], np.bool_))[0]
+    return _matmul(plan, matrix, ca, int(bits), bool(nibble), x)
 
 
 def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, nibble: bool, x) -> torch.Tensor:
@@ -1241,6 +1217,9 @@ def _checked_units(plan: _Plan, arena: np.ndarray, units: np.ndarray, bits: np.n
         raise UsageError("arena must be a C-contiguous uint8 array")
     units = units[:, :MAX_BITS]
     cas, bad = _unit_addresses(units, bits, nibs, plan.nibble, arena)
+    if bad >= 0 and units.shape[1] < MAX_BITS:
+        raise UsageError(f"units must be {MAX_BITS} unit indices (-1: not held) per entry, got shape "
+                         f"{units.shape}")
     if bad >= 0:
         raise UsageError(f"entry {bad} at {bits[bad]} bits (nibble form: {bool(nibs[bad])}, which this "
                          f"layout has on this CPU: {plan.nibble}) lacks chunks or is out of range "
@@ -1252,10 +1231,13 @@ def _checked_units(plan: _Plan, arena: np.ndarray, units: np.ndarray, bits: np.n
 def _unit_addresses(units, bits, nibs, nibble_ok, arena):
     """(chunk addresses [E, 8] of entries held in units of arena (C-contiguous uint8 [U, unit bytes]), 0
     where not held; -1, or the first entry whose bits are out of range, whose nibble form this layout
-    lacks, or that lacks a chunk it reads: 0..bits-1, and 0..3 in nibble form). One call: the same
-    checks in numpy took ~40 us (and the arena's address from Python ~3 us)."""
+    lacks, or that lacks a chunk it reads: 0..bits-1, and 0..3 in nibble form; 0 where units hold fewer
+    than 8 per entry). One call: the same checks in numpy took ~40 us (and the arena's address from
+    Python ~3 us)."""
     E, base, stride = units.shape[0], _addr(arena), arena.shape[1]
     cas = np.zeros((E, MAX_BITS), np.int64)
+    if units.shape[1] < MAX_BITS:  # fewer than 8 per entry: rejected, never read past
+        return cas, 0
     for j in range(E):
         b = bits[j]
         if b < BASE_BITS or b > MAX_BITS or (nibs[j] and not nibble_ok):
