@@ -322,7 +322,9 @@ def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
     """_coefs of msb rows o0..o1 with one token, in one pass over their contiguous fp16 metadata, 16
     at a time: C[(o - o0) ng + g] = s d_g unit and C[n + 16 + (o - o0) ng + g] = (min + s kb) sum_g,
     n = (o1 - o0) ng (C holds 2 n + 32 floats). T (2 (ng + 16) floats) is scratch: d_g unit and
-    sum_g repeated, so that 16 lanes starting at any group read theirs with one load. Per row,
+    sum_g repeated, so that 16 lanes starting at any group read theirs with one load. C[n..n+16) is
+    zeroed: the GEMVs' pairs of groups read C[n] after a last row of odd ng (times a zero dot, so it
+    must not be NaN; it was left unwritten when 16 divides n). Per row,
     _coefs took ~17 ns on Zen 3 (masks, reductions), about what the 8 groups of an OLMoE down row
     take to compute."""
     ng, moff = md[3], md[7]
@@ -346,6 +348,7 @@ def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
         k += 16
         while k >= ng:
             k -= ng
+    _fstore(_fzero(), C + 4 * n)  # the gap: a lone last group's pair reads C[n] past the last row
 
 
 @njit(inline='always')
