@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from numba import njit, prange
 
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import build_layout, from_units, pack_expert, to_units, unpack_matrix
@@ -76,6 +77,31 @@ def close(y, ref) -> None:
 
 def tokens(t, n, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((t, n)).astype(np.float32))
+
+
+@njit(parallel=True)
+def _nan_heap(n, reps):
+    """Allocate and free NaN-filled float32 arrays of about n elements in numba's threads, so that the
+    kernels' next scratch arrays of that size start as NaN instead of fresh zeros."""
+    s = 0.0
+    for _t in prange(2):
+        for r in range(reps):
+            s += np.full(n + r, np.nan, np.float32)[0]
+    return s
+
+
+def test_gemv_reads_no_stale_scratch():
+    """Rows of one group (odd ng) in blocks whose coefficient count 16 divides: the GEMV's last group pair
+    reads one coefficient past the block, which must be written (it was not: a NaN there made y NaN)."""
+    o, n = 512, 96
+    w = np.random.default_rng(0).standard_normal((o, n)).astype(np.float32)
+    layout = build_layout({"w": (o, n)}, "msb", 128)
+    buf = np.frombuffer(pack_expert(layout, {"w": quantize(w, "msb", 128)}), dtype=np.uint8).copy()
+    x = tokens(1, n)
+    for bits in (2, 4, 6, 8):
+        _nan_heap(2 * cpu.ROWS_PER_ITEM + 32, 3)  # the size of _rows' coefficient scratch here
+        y = cpu.nested_matmul(layout, buf, "w", x, bits)
+        close(y, reference.nested_matmul(layout, buf, "w", x, bits))
 
 
 @pytest.mark.parametrize("matrix", ["gate_up", "down"])
