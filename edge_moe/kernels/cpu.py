@@ -617,12 +617,18 @@ def _gemv_nibble(ca, md, bits, X, X16, Dsc, Dsum, o0, o1, coef, tile, y, nq=0):
         y[o - o0] = yo + _fsum(acc)
 
 
+@njit(inline='always')
+def _token_addrs(dig, dsc, dsum, md, r):
+    """Addresses of digit row r's digits, scales and sums (_digits_of's arrays) for matrix md."""
+    ngp = md[4]
+    return _addr(dig) + 2 * md[3] * md[2] * r, _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r
+
+
 @njit(cache=True)
-def _gemv_nibble4(ca, md, bits, xs, dss, dms, o0, o1, coef, tile, y, i0, yoff, nq):
-    """_gemv_nibble with int8 activations for 4 tokens at once (xs, dss, dms [4]: the addresses of their
-    digits, scales and sums), token k's row o into y[i0 + k, yoff + o - o0]: the 4 dots of a group
-    share its nibbles' load and unpacking (LLVM merges the 4 identical loads and masks). coef holds
-    4 x (2 n + 32) floats (n = (o1 - o0) ng)."""
+def _gemv_nibble4(ca, md, bits, dig, dsc, dsum, drows, d, o0, o1, coef, tile, y, i0, yoff, nq):
+    """_gemv_nibble with int8 activations for the 4 tokens of digit rows drows[d..d+3], token k's row o
+    into y[i0 + k, yoff + o - o0]: the 4 dots of a group share its nibbles' load and unpacking (LLVM
+    merges the 4 identical loads and masks). coef holds 4 x (2 n + 32) floats (n = (o1 - o0) ng)."""
     CA = _addr(ca)
     ng, ngp, rb, poff = md[3], md[4], md[5], md[6]
     n = (o1 - o0) * ng
@@ -632,9 +638,13 @@ def _gemv_nibble4(ca, md, bits, xs, dss, dms, o0, o1, coef, tile, y, i0, yoff, n
     C0 = _addr(coef)
     C1, C2, C3 = C0 + stride, C0 + 2 * stride, C0 + 3 * stride
     for k in range(4):
-        unit, S = _act_form(True, dms[k], ngp)
-        _row_coefs(CA, md, bits, o0, o1, dss[k], S, unit * np.float32(16.0), C0 + k * stride, tile)
-    X0, X1, X2, X3 = xs[0], xs[1], xs[2], xs[3]
+        _, ds, dsm = _token_addrs(dig, dsc, dsum, md, drows[d + k])
+        unit, S = _act_form(True, dsm, ngp)
+        _row_coefs(CA, md, bits, o0, o1, ds, S, unit * np.float32(16.0), C0 + k * stride, tile)
+    X0 = _token_addrs(dig, dsc, dsum, md, drows[d])[0]
+    X1 = _token_addrs(dig, dsc, dsum, md, drows[d + 1])[0]
+    X2 = _token_addrs(dig, dsc, dsum, md, drows[d + 2])[0]
+    X3 = _token_addrs(dig, dsc, dsum, md, drows[d + 3])[0]
     for o in range(o0, o1):
         r = 4 * (o - o0) * ng
         f = r + 4 * (n + 16)
@@ -844,30 +854,24 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
     planes = not nib and not mwq and STRIDED and md[2] == 128
     if n == 1 or (bits <= ACT8_MAX_BITS and (nib or planes)):
         x8, x16 = xs[0], xs[1]
-        coef = np.empty(max(8 * ngp, 2 * (o1 - o0) * md[3] + 32), np.float32)  # also _row_coefs' C
+        quads = n // 4 if STRIDED and n > 1 else 0  # tokens 4 at a time (_gemv_nibble4), then one by one
+        # also _row_coefs' C, one per token of a quad
+        coef = np.empty(max(8 * ngp, (4 if quads else 1) * (2 * (o1 - o0) * md[3] + 32)), np.float32)
         tile = np.empty(2 * (md[3] + 16), np.float32)
         step = o1 - o0 if n == 1 else max(4, PASS_BYTES // (64 * md[3]))
         scratch = n > 1 and planes
         nib_rows = np.empty(step * 4 * md[5] if scratch else 0, np.uint8)
-        quads = n // 4 if STRIDED and n > 1 else 0  # tokens 4 at a time (_gemv_nibble4), then one by one
-        coef4 = np.empty(4 * (2 * step * md[3] + 32) if quads else 0, np.float32)
-        xs, dss, dms = np.empty(4, np.int64), np.empty(4, np.int64), np.empty(4, np.int64)
         for s0 in range(o0, o1, step):
             s1 = min(o1, s0 + step)
             if STRIDED:  # a constant (as in _gemv): no other target compiles the nibble kernels
                 if scratch:
                     _nibble_rows(_addr(ca), md, bits, s0, s1, nib_rows)
                 for i in range(0, 4 * quads, 4):
-                    for k in range(4):
-                        r = drows[d0 + i + k]
-                        xs[k] = _addr(dig) + 2 * md[3] * md[2] * r
-                        dss[k], dms[k] = _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r
-                    _gemv_nibble4(ca, md, bits, xs, dss, dms, s0, s1, coef4, tile, y, i, s0 - o0,
-                                  _addr(nib_rows) if scratch else 0)
+                    _gemv_nibble4(ca, md, bits, dig, dsc, dsum, drows, d0 + i, s0, s1, coef, tile, y, i,
+                                  s0 - o0, _addr(nib_rows) if scratch else 0)
             for i in range(4 * quads, n):
                 r = drows[d0 + i]
-                X = _addr(dig) + 2 * md[3] * md[2] * r
-                ds, dsm = _addr(dsc) + 4 * ngp * r, _addr(dsum) + 8 * ngp * r
+                X, ds, dsm = _token_addrs(dig, dsc, dsum, md, r)
                 if STRIDED:
                     if scratch:
                         _gemv_nibble(ca, md, bits, X, 0, ds, dsm, s0, s1, coef, tile, y[i, s0 - o0:],
@@ -1034,7 +1038,7 @@ def _code_rows(nibbles, codes, scale, minimum, X, xstride, dsc, DSUM, T, md, out
                              DS + dstride * t4, dstride, DSUM + 2 * dstride * t4, ng, G, out, t4, o)
             for t in range(4 * quads, T):
                 q, xt, s, m = Q + n * o, X + xstride * t, S + 4 * ng * o, M + 4 * ng * o
-                ds, dsum = DS + 4 * dsc.shape[1] * t, DSUM + 8 * dsc.shape[1] * t
+                ds, dsum = DS + dstride * t, DSUM + 2 * dstride * t
                 if nibbles:
                     out[t, o] = _nibble_row(q, xt, s, m, ds, dsum, ng, G)
                 else:
