@@ -48,6 +48,18 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   8-12 interleaved rounds).
   At 8 bits the added nibble dots made it slower than the planes (decode 33 -> 37.5 ms per token), so
   only experts run at 3-4 bits are rewritten (runtime.moe.NIBBLE_BITS).
+- Experts at 2 bits on AVX2 (lut_form, to_lut_form): T-MAC's table lookups. Per token and group of 128
+  inputs, 32 int8 tables of the 16 subset sums of every 4 int8 activations (_lut_tables; requantized per
+  group by st = max|sum| / 127 where that passes 127); the expert is rewritten once so that per block
+  of 16 rows one 32-byte load holds a plane's bits of 16 inputs for all 16 rows, and its scales and
+  minima lie 16 rows side by side. Then per 16 rows, 16 inputs and both planes: 2 loads, 4 vpshufb
+  lookups, 4 unpacks and 4 vpmaddubsw with (2, 1) (code 2 b0 + b1), 2 adds; coefficients and offsets
+  in 16-lane vectors. No multiply per weight, so 2 bits finally cost less compute than 4: Zen 3, two
+  threads, from DRAM, against 4-bit nibble form in the same run: Mixtral 14336x4096 551 against
+  1090 us (0.51x, 91% of read bandwidth), OLMoE layer (8 experts) 0.54 against 1.04 ms (0.52x),
+  OLMoE 2048x1024 alone 44 against 69 us (0.63x); the plane kernel at 2 bits took 0.89-0.99x of the
+  4-bit nibble time. The tables cost held-out perplexity nothing measurable on the demo model at 2
+  bits (20.036 against 20.049 with int8 activations, 20.066 with float32 ones).
 - Row metadata (fp16 scales and minima, _coefs) comes in by simd._h2f. Before it avoided LLVM's
   lowering of a 16-bit masked load on AVX2 (16 branches per call), rows took 6.3 / 9.3 / 7.1 ns per
   group (nibble form, 4-bit and 2-bit planes) where they now take 3.5 / 5.9 / 3.9.
@@ -112,6 +124,7 @@ from edge_moe.kernels.simd import (
     _f8zero,
     _fload,
     _fma8,
+    _fma16,
     _fma_pair,
     _fma_s,
     _fma_v,
@@ -131,6 +144,7 @@ from edge_moe.kernels.simd import (
     _ldb,
     _ldf,
     _ldi,
+    _lut2_dot16,
     _nib_codes64,
     _prefetch,
     _qload,
@@ -153,6 +167,9 @@ DIGIT_PAD = 3 * 128  # readable bytes after the digits: a last 512-input block's
 NOGF = False
 ACT8_MAX_BITS = 4  # at <= this many bits the dots use only the high digit: int8 activations (Q8)
 HIGH_UNIT, ONE_UNIT = np.float32(256.0), np.float32(1.0)  # weights of the high and low digits
+PLANE_FORM, NIBBLE_FORM, LUT_FORM = 0, 1, 2  # how an expert's chunks hold it: as written; rewritten by
+# to_nibble_form; rewritten by to_lut_form (the kernels' `form`, one per expert)
+LUT_ROWS = 16  # rows per block of the LUT form
 
 _POWERS = np.repeat((128 >> np.arange(MAX_BITS)).astype(np.uint8)[:, None], 64, axis=1)  # [8, 64]
 # [b, p]: plane p's weight in codes q >> (8 - b) (the AVX2 GEMM's, <= 15 at b <= 4), 0 for p >= b
@@ -230,12 +247,50 @@ def _digit_arrays(R, md):
 
 
 @njit(cache=True)
-def _avx2_inputs(dig, md, gemm, strided=True):
+def _avx2_inputs(dig, dsc, md, gemm, strided=True, lut=False):
     """The AVX2 kernels' forms of the digits (empty where those kernels are not compiled): the GEMV's
     strided ones (_strided_digits; empty unless strided: no plane GEMV and no 5-8 bit nibble GEMV
-    reads them) and, if gemm, the GEMM's int16 inputs in order (_int16_inputs)."""
+    reads them), if gemm the GEMM's int16 inputs in order (_int16_inputs), and if lut the LUT form's
+    tables and their scales (_lut_tables)."""
     x8, x16 = _strided_digits(dig, md, strided)
-    return x8, x16, _int16_inputs(dig) if STRIDED and gemm else np.zeros((dig.shape[0], 0), np.int16)
+    tab, tsc = _lut_tables(dig, dsc, md, STRIDED and lut)
+    return (x8, x16, _int16_inputs(dig) if STRIDED and gemm else np.zeros((dig.shape[0], 0), np.int16),
+            tab, tsc)
+
+
+@njit(cache=True)
+def _lut_tables(dig, dsc, md, wanted):
+    """Per row of digits [R, 2, ng*G] (group 128): int8 tables [R, ng*512] of the 16 subset sums of the
+    high digits of every 4 inputs (_lut2_dot16's order), each group's requantized by st = max|sum| / 127
+    where that passes 127 (T-MAC's int8 tables: error <= st / 2 per sum of 4), and the scales d_g st
+    [R, ngp] the coefficients then take (empty unless wanted)."""
+    R, ng = dig.shape[0], md[3] if wanted else 0
+    tab, tsc = np.zeros((R, ng * 512), np.int8), np.zeros((R, md[4] if wanted else 0), np.float32)
+    sums = np.empty(512, np.int32)
+    for r in range(R):
+        for g in range(ng):
+            _lut_sums(dig[r, 0, 128 * g:128 * g + 128], sums)
+            top = np.int32(0)
+            for j in range(512):
+                top = max(top, abs(sums[j]))
+            st = max(np.float32(1.0), np.float32(top) / np.float32(127.0))
+            inv = np.float32(1.0) / st
+            out = tab[r, 512 * g:512 * g + 512]
+            for j in range(512):
+                out[j] = np.int8(np.rint(np.float32(sums[j]) * inv))
+            tsc[r, g] = dsc[r, g] * st
+    return tab, tsc
+
+
+@njit(inline='always')
+def _lut_sums(h, sums):
+    """The 16 subset sums of every 4 of the 128 int8 h, table k (16 k ..) of inputs 16 (k // 4) +
+    8 (k & 1) + 4 ((k >> 1) & 1) + 0..3 (_lut2_dot16's TA / TB lanes)."""
+    for k in range(32):
+        i = 16 * (k // 4) + 8 * (k & 1) + 4 * ((k >> 1) & 1)
+        a, b, c, d = np.int32(h[i]), np.int32(h[i + 1]), np.int32(h[i + 2]), np.int32(h[i + 3])
+        for e in range(16):
+            sums[16 * k + e] = (e & 1) * a + ((e >> 1) & 1) * b + ((e >> 2) & 1) * c + (e >> 3) * d
 
 
 @njit(cache=True)
@@ -671,6 +726,31 @@ def _gemv_nibble4(ca, md, bits, dig, dsc, dsum, drows, d, o0, o1, coef, tile, y,
 
 
 @njit(cache=True)
+def _gemv_lut2(ca, md, Tab, Tsc, Dsum, o0, o1, y):
+    """y[o - o0] = W_2[o] . x for one token on rows o0..o1 (whole blocks of LUT_ROWS) of an msb expert
+    held in LUT form (to_lut_form) at 2 bits: per block and group, the token's tables at Tab (_lut_tables)
+    looked up by the rows' plane bits (_lut2_dot16), times the 16 rows' scales (stored side by side)
+    s d_g st (Tsc) 64 HIGH_UNIT (the dots count codes 2 b0 + b1 = q / 64), plus their offsets
+    (min + s (2^6 - 1) / 2) times the sum of the token's int8 inputs: every step 16 rows wide."""
+    CA, Y = _addr(ca), _addr(y)
+    ng, ngp, rb, poff, moff = md[3], md[4], md[5], md[6], md[7]
+    unit, S = _act_form(True, Dsum, ngp)
+    unit *= np.float32(64.0)
+    kb = _low_mean(2)
+    p0, p1 = _ldi(CA) + poff, _ldi(CA + 8) + poff
+    sa, ma = _ldi(CA) + moff, _ldi(CA + 8) + moff
+    for b0 in range(o0, o1, LUT_ROWS):
+        q0, q1, m = p0 + b0 * rb, p1 + b0 * rb, 2 * b0 * ng
+        acc = _fzero()
+        for g in range(ng):
+            vs, vm = _h2f16(sa + m + 32 * g), _h2f16(ma + m + 32 * g)
+            dots = _lut2_dot16(q0 + 256 * g, q1 + 256 * g, Tab + 512 * g)
+            acc = _fma16(acc, dots, _fmul(vs, _fsplat(_ldf(Tsc + 4 * g) * unit)))
+            acc = _fma_v(acc, _fma_s(vm, vs, kb), _fsplat(_ldf(S + 4 * g)))
+        _fstore(acc, Y + 4 * (b0 - o0))
+
+
+@njit(cache=True)
 def _gemv_masks(ca, md, bits, mwq, X, Dsc, Dsum, o0, o1, w, coef, y):
     """_gemv for every scheme and group: codes built 64 at a time by masked byte adds."""
     CA, W, C = _addr(ca), _addr(w), _addr(coef)
@@ -844,11 +924,17 @@ def _gemm(ca, md, bits, mwq, nib, dig, x16, dsc, dsum, drows, d0, n, o0, o1, w, 
 
 
 @njit(cache=True)
-def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
-    """Rows o0..o1 of one matrix for n tokens; out[orows[d0+i], o] (+)= oscale[d0+i] * y."""
+def _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
+    """Rows o0..o1 of one matrix for n tokens of an expert held in `form`; out[orows[d0+i], o] (+)=
+    oscale[d0+i] * y."""
     # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
     ngp = md[4]
+    nib = form == NIBBLE_FORM
     y = np.empty((n, o1 - o0), np.float32)
+    if STRIDED and form == LUT_FORM:  # (2 bits: _unit_addresses) one GEMV per token and block of rows
+        _lut_rows(ca, md, xs[3], xs[4], dsum, drows, d0, n, o0, o1, y)
+        _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate)
+        return
     # more than one token, at <= 4 bits on AVX2: a GEMV per token over blocks of rows (PASS_BYTES),
     # from the nibble form, or from nibbles of the block's msb planes (at group 128) written in scratch
     planes = not nib and not mwq and STRIDED and md[2] == 128
@@ -883,6 +969,12 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
         _gemm(ca, md, bits, mwq, nib, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W,
               np.empty(8 * ngp, np.float32), np.empty(ngp, np.float32), qbuf, np.empty(16 * n, np.float32), y)
+    _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate)
+
+
+@njit(inline='always')
+def _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate):
+    """out[orows[d0+i], o0..o1] (+)= oscale[d0+i] * y[i]."""
     for i in range(n):
         dst = out[orows[d0 + i]]
         s = oscale[d0 + i]
@@ -894,37 +986,51 @@ def _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, o
                 dst[o0 + k] = s * y[i, k]
 
 
+@njit(inline='always')
+def _lut_rows(ca, md, tab, tsc, dsum, drows, d0, n, o0, o1, y):
+    """y[i] = rows o0..o1 of an expert in LUT form for the n tokens of digit rows drows[d0..]: a GEMV per
+    token over blocks of rows whose plane bytes (PASS_BYTES) stay in L2 for the next token's."""
+    ngp = md[4]
+    step = o1 - o0 if n == 1 else max(LUT_ROWS, PASS_BYTES // (2 * md[5]) // LUT_ROWS * LUT_ROWS)
+    for s0 in range(o0, o1, step):
+        s1 = min(o1, s0 + step)
+        for i in range(n):
+            r = drows[d0 + i]
+            _gemv_lut2(ca, md, _addr(tab) + tab.shape[1] * r, _addr(tsc) + 4 * ngp * r,
+                       _addr(dsum) + 8 * ngp * r, s0, s1, y[i, s0 - o0:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Parallel entry kernels: one numba call per matmul, per expert FFN, per MoE layer.
 
 @njit(cache=True, parallel=True, nogil=True)
-def _matmul_kernel(ca, md, bits, mwq, nib, x, W, out):
-    """out = x @ W_b.T for the matrix md of an expert whose chunk c is at address ca[c] (nib: held in
-    nibble form)."""
+def _matmul_kernel(ca, md, bits, mwq, form, x, W, out):
+    """out = x @ W_b.T for the matrix md of an expert whose chunk c is at address ca[c], held in `form`."""
     T = x.shape[0]
     dig, dsc, dsum = _digits_of(x, md)
-    xs = _avx2_inputs(dig, md, T > 1, not nib or bits > ACT8_MAX_BITS)
+    xs = _avx2_inputs(dig, dsc, md, T > 1, form == PLANE_FORM or bits > ACT8_MAX_BITS, form == LUT_FORM)
     rows = np.arange(T)
     ones = np.ones(T, np.float32)
     nblk = -(-md[0] // ROWS_PER_ITEM)
     for b in prange(nblk):
         o0 = b * ROWS_PER_ITEM
-        _rows(ca, md, bits, mwq, nib, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
+        _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, rows, 0, T, o0, min(md[0], o0 + ROWS_PER_ITEM),
               W, out, rows, ones, False)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _ffn_kernel(cas, bits, nibs, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out, H):
-    """out[t] += sum_j weights * down_j(silu(gate_j(x_t)) * up_j(x_t)) over routed experts j (nibs[j]:
-    held in nibble form)."""
+def _ffn_kernel(cas, bits, forms, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, out, H):
+    """out[t] += sum_j weights * down_j(silu(gate_j(x_t)) * up_j(x_t)) over routed experts j (forms[j]:
+    how expert j is held)."""
     E, P = cas.shape[0], ptr[cas.shape[0]]
     I2, D = md_gu[0], md_dn[0]
     inter = I2 // 2
     dig, dsc, dsum = _digits_of(x, md_gu)
-    strided = False
+    strided, lut = False, False
     for j in range(E):
-        strided |= not nibs[j] or bits[j] > ACT8_MAX_BITS
-    xs = _avx2_inputs(dig, md_gu, x.shape[0] > 1, strided)
+        strided |= forms[j] == PLANE_FORM or bits[j] > ACT8_MAX_BITS
+        lut |= forms[j] == LUT_FORM
+    xs = _avx2_inputs(dig, dsc, md_gu, x.shape[0] > 1, strided, lut)
     pairs = np.arange(P)
     ones = np.ones(P, np.float32)
     hid = np.empty((P, I2), np.float32)
@@ -932,10 +1038,10 @@ def _ffn_kernel(cas, bits, nibs, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, 
     for h in prange(H):  # balanced whatever the bits, and a row's prefetches ahead are its own next rows
         for j in range(E):  # (layer call 0.91-0.94x of expert-interleaved 64-row items: Zen 3, 4 bits)
             if ptr[j + 1] > ptr[j]:
-                for o0 in range(I2 * h // H, I2 * (h + 1) // H, ROWS_PER_ITEM):
-                    _rows(cas[j], md_gu, bits[j], mwq, nibs[j], dig, xs, dsc, dsum, tokens, ptr[j],
-                          ptr[j + 1] - ptr[j], o0, min(I2 * (h + 1) // H, o0 + ROWS_PER_ITEM), W, hid, pairs,
-                          ones, False)
+                r0, r1 = _share(I2, h, H), _share(I2, h + 1, H)
+                for o0 in range(r0, r1, ROWS_PER_ITEM):
+                    _rows(cas[j], md_gu, bits[j], mwq, forms[j], dig, xs, dsc, dsum, tokens, ptr[j],
+                          ptr[j + 1] - ptr[j], o0, min(r1, o0 + ROWS_PER_ITEM), W, hid, pairs, ones, False)
     act = np.empty((P, inter), np.float32)
     dig, dsc, dsum = _digit_arrays(P, md_dn)
     for k in prange(P):  # silu(gate) * up, then its digits
@@ -943,14 +1049,20 @@ def _ffn_kernel(cas, bits, nibs, mwq, x, ptr, tokens, weights, md_gu, md_dn, W, 
             g = hid[k, i]
             act[k, i] = g / (np.float32(1.0) + np.exp(-g)) * hid[k, inter + i]
         _digit_row(act[k], md_dn[2], md_dn[3], dig[k], dsc[k], dsum[k])
-    xs = _avx2_inputs(dig, md_dn, x.shape[0] > 1, strided)
+    xs = _avx2_inputs(dig, dsc, md_dn, x.shape[0] > 1, strided, lut)
     for h in prange(H):  # thread h owns output columns [h/H, (h+1)/H): no write races
         for j in range(E):
             if ptr[j + 1] > ptr[j]:
-                for o0 in range(D * h // H, D * (h + 1) // H, ROWS_PER_ITEM):
-                    _rows(cas[j], md_dn, bits[j], mwq, nibs[j], dig, xs, dsc, dsum, pairs, ptr[j],
-                          ptr[j + 1] - ptr[j], o0, min(D * (h + 1) // H, o0 + ROWS_PER_ITEM), W, out, tokens,
-                          weights, True)
+                r0, r1 = _share(D, h, H), _share(D, h + 1, H)
+                for o0 in range(r0, r1, ROWS_PER_ITEM):
+                    _rows(cas[j], md_dn, bits[j], mwq, forms[j], dig, xs, dsc, dsum, pairs, ptr[j],
+                          ptr[j + 1] - ptr[j], o0, min(r1, o0 + ROWS_PER_ITEM), W, out, tokens, weights, True)
+
+
+@njit(inline='always')
+def _share(rows, h, H):
+    """First of thread h's rows out of H threads: whole blocks of LUT_ROWS (the LUT form's unit)."""
+    return rows if h == H else rows * h // H // LUT_ROWS * LUT_ROWS
 
 
 @njit(cache=True)
@@ -1129,8 +1241,8 @@ def nibble_form(layout: ExpertLayout) -> bool:
 
 def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -> None:
     """Rewrite planes 0-3 of an expert held in arena units (its chunks 0..3) as nibble codes, in place;
-    its metadata and planes 4.. are unchanged. Kernels then take it with nibble=True (there is no way
-    back: the runtime rewrites only experts that stay resident)."""
+    its metadata and planes 4.. are unchanged. Kernels then take it with form=NIBBLE_FORM (there is no
+    way back: the runtime rewrites only experts that stay resident)."""
     units = np.asarray(units, dtype=np.int64)[:4]
     if not nibble_form(layout) or len(units) < 4 or (units < 0).any() or arena.dtype != np.uint8:
         raise UsageError(f"no nibble form for this layout on this CPU, or units {units} lack chunks 0..3")
@@ -1138,8 +1250,63 @@ def to_nibble_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray) -
         _to_nibbles(arena, units, md)
 
 
+def lut_form(layout: ExpertLayout) -> bool:
+    """Whether experts of this layout run at 2 bits faster rewritten in LUT form (to_lut_form): msb at
+    group 128 on AVX2 without AVX-512 (simd.STRIDED); every row count a multiple of LUT_ROWS."""
+    return (STRIDED and layout.scheme == "msb" and layout.group == 128
+            and all(o % LUT_ROWS == 0 for _, (o, _n) in layout.matrices))
+
+
+def to_lut_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, back: bool = False) -> None:
+    """Rewrite planes 0-1 of an expert held in arena units (its chunks 0, 1) in LUT form, in place (back:
+    the reverse): per block of LUT_ROWS rows and group of 128 inputs, a plane's 16 x 16 bytes transposed
+    so that one 32-byte load holds plane bytes 2s and 2s + 1 of the 16 rows (_lut2_dot16), and the
+    block's scales and minima by group, 16 rows side by side (_lut_transpose). Kernels then take it with
+    form=LUT_FORM, at 2 bits; everything else in its chunks is unchanged."""
+    units = np.asarray(units, dtype=np.int64)[:2]
+    if not lut_form(layout) or len(units) < 2 or (units < 0).any() or arena.dtype != np.uint8:
+        raise UsageError(f"no LUT form for this layout on this CPU, or units {units} lack chunks 0, 1")
+    for md in _plan(layout).md.values():
+        _lut_transpose(arena, units, md, back)
+
+
+@njit(cache=True, nogil=True)
+def _lut_transpose(arena, units, md, back):
+    """Planes 0, 1 of matrix md: the bytes of row r, group g, byte j (plane form: r rb + 16 g + j) at
+    256 g + 32 (j // 2) + 16 (j % 2) + r of each block of LUT_ROWS rows; its fp16 scales (chunk 0) and
+    minima (chunk 1), [O, ng] row-major, at 16 g + r of each block's 16 ng: or back."""
+    ng, rb, poff, moff = md[3], md[5], md[6], md[7]
+    block = np.empty(LUT_ROWS * rb, np.uint8)
+    meta = np.empty(LUT_ROWS * ng, np.uint16)
+    for p in range(2):
+        for b in range(md[0] // LUT_ROWS):
+            s = poff + b * LUT_ROWS * rb
+            dst = arena[units[p], s:s + LUT_ROWS * rb]
+            block[:] = dst
+            for r in range(LUT_ROWS):
+                for g in range(ng):
+                    for j in range(16):
+                        plane, lut = r * rb + 16 * g + j, 256 * g + 32 * (j // 2) + 16 * (j % 2) + r
+                        if back:
+                            dst[plane] = block[lut]
+                        else:
+                            dst[lut] = block[plane]
+            s = moff + 2 * b * LUT_ROWS * ng
+            halves = arena[units[p], s:s + 2 * LUT_ROWS * ng].view(np.uint16)
+            meta[:] = halves
+            for r in range(LUT_ROWS):
+                for g in range(ng):
+                    if back:
+                        halves[r * ng + g] = meta[16 * g + r]
+                    else:
+                        halves[16 * g + r] = meta[r * ng + g]
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered ops (same signatures as kernels.reference).
+
+_FORMS = {PLANE_FORM: "planes", NIBBLE_FORM: "nibble form", LUT_FORM: "LUT form"}
+
 
 class _Plan(NamedTuple):
     """Per-layout constants of the kernels."""
@@ -1148,7 +1315,7 @@ class _Plan(NamedTuple):
     starts: np.ndarray  # chunk offsets in a contiguous expert buffer (int64 [8])
     need: tuple  # need[b - 2]: bytes of b bits
     mwq: bool
-    nibble: bool  # nibble_form(layout)
+    forms: int  # bit f set: this layout has form f on this CPU (PLANE_FORM, nibble_form, lut_form)
 
 
 _PLANS: dict[int, tuple[ExpertLayout, _Plan]] = {}  # id -> (layout, plan); layouts live with models
@@ -1168,7 +1335,7 @@ def _plan(layout: ExpertLayout) -> _Plan:
         md[name] = np.array([o, n, g, ng, -(-ng // 16) * 16, ng * g // 8, layout.in_chunk(name, "planes"),
                              layout.in_chunk(name, "meta")], dtype=np.int64)
     plan = _Plan(md, np.asarray(layout.chunk_starts, dtype=np.int64), layout.level_ends, layout.scheme == "mwq",
-                 nibble_form(layout))
+                 1 << PLANE_FORM | nibble_form(layout) << NIBBLE_FORM | lut_form(layout) << LUT_FORM)
     _PLANS[id(layout)] = (layout, plan)
     return plan
 
@@ -1203,25 +1370,25 @@ def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.T
     plan = _plan(layout)
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
     bits = _check_bits(plan, buf.nbytes, bits, "expert buffer")
-    return _matmul(plan, matrix, _address(buf) + plan.starts, bits, False, x)
+    return _matmul(plan, matrix, _address(buf) + plan.starts, bits, PLANE_FORM, x)
 
 
 def nested_matmul_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, matrix: str,
-                        x: torch.Tensor, bits: int, nibble: bool = False) -> torch.Tensor:
-    """nested_matmul on an expert held as arena units (the expert cache's form; nibble: rewritten by
-    to_nibble_form)."""
+                        x: torch.Tensor, bits: int, form: int = PLANE_FORM) -> torch.Tensor:
+    """nested_matmul on an expert held as arena units (the expert cache's form) in `form` (PLANE_FORM;
+    NIBBLE_FORM: rewritten by to_nibble_form; LUT_FORM: by to_lut_form, at 2 bits)."""
     plan = _plan(layout)
     ca = _checked_units(plan, arena, np.asarray(units, np.int64)[None], np.array([bits], np.int64),
-                        np.array([nibble], np.bool_))[0]
-    return _matmul(plan, matrix, ca, int(bits), bool(nibble), x)
+                        np.array([form], np.int8))[0]
+    return _matmul(plan, matrix, ca, int(bits), int(form), x)
 
 
-def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, nibble: bool, x) -> torch.Tensor:
+def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, form: int, x) -> torch.Tensor:
     md = plan.md[matrix]
     xs = _as_x(x, int(md[1]))
     out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
     if xs.shape[0]:
-        _matmul_kernel(ca, md, bits, plan.mwq, nibble, xs, _POWERS, out)
+        _matmul_kernel(ca, md, bits, plan.mwq, form, xs, _POWERS, out)
     return torch.from_numpy(out)
 
 
@@ -1260,13 +1427,13 @@ def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, mini
     return torch.from_numpy(out)
 
 
-def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights, nibble=None) -> np.ndarray:
+def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights, forms=None) -> np.ndarray:
     md_gu, md_dn = plan.md["gate_up"], plan.md["down"]
     xs = _as_x(x, int(md_gu[1]))
     out = np.zeros((xs.shape[0], int(md_dn[0])), dtype=np.float32)
-    nibs = np.zeros(len(cas), np.bool_) if nibble is None else nibble
+    forms = np.zeros(len(cas), np.int8) if forms is None else forms
     if len(cas) and xs.shape[0]:
-        _ffn_kernel(cas, np.asarray(bits, np.int64), nibs, plan.mwq, xs, np.asarray(ptr, np.int64),
+        _ffn_kernel(cas, np.asarray(bits, np.int64), forms, plan.mwq, xs, np.asarray(ptr, np.int64),
                     np.asarray(tokens, np.int64), np.asarray(weights, np.float32), md_gu, md_dn, _POWERS, out,
                     get_num_threads())
     return out
@@ -1299,51 +1466,56 @@ def expert_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray,
 
 def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
                   x: torch.Tensor, ptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray,
-                  nibble: np.ndarray | None = None) -> torch.Tensor:
+                  form: np.ndarray | None = None) -> torch.Tensor:
     """A layer's active experts held as arena units, in one call (see reference.moe_ffn_units);
-    nibble[j]: entry j is held in nibble form (to_nibble_form; it then holds chunks 0..3)."""
+    form[j]: how entry j is held (PLANE_FORM, the default; NIBBLE_FORM: to_nibble_form, it then holds
+    chunks 0..3; LUT_FORM: to_lut_form, at 2 bits; booleans read as nibble form or not)."""
     plan = _plan(layout)
     bits = np.asarray(bits, dtype=np.int64)
     units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)
-    nibs = np.zeros(len(bits), np.bool_) if nibble is None else np.asarray(nibble, np.bool_)
-    cas = _checked_units(plan, arena, units, bits, nibs)
-    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, nibs))
+    forms = np.zeros(len(bits), np.int8) if form is None else np.asarray(form, np.int8)
+    cas = _checked_units(plan, arena, units, bits, forms)
+    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, forms))
 
 
 def _checked_units(plan: _Plan, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
-                   nibs: np.ndarray) -> np.ndarray:
+                   forms: np.ndarray) -> np.ndarray:
     """Chunk addresses [E, 8] of entries held as arena units [E, >= 8] (_unit_addresses), or a
     UsageError naming the first entry that cannot run."""
     if arena.dtype != np.uint8 or not arena.flags.c_contiguous:
         raise UsageError("arena must be a C-contiguous uint8 array")
     units = units[:, :MAX_BITS]
-    cas, bad = _unit_addresses(units, bits, nibs, plan.nibble, arena)
+    cas, bad = _unit_addresses(units, bits, forms, plan.forms, arena)
     if bad >= 0 and units.shape[1] < MAX_BITS:
         raise UsageError(f"units must be {MAX_BITS} unit indices (-1: not held) per entry, got shape "
                          f"{units.shape}")
     if bad >= 0:
-        raise UsageError(f"entry {bad} at {bits[bad]} bits (nibble form: {bool(nibs[bad])}, which this "
-                         f"layout has on this CPU: {plan.nibble}) lacks chunks or is out of range "
-                         f"{BASE_BITS}..{MAX_BITS}: units {units[bad]}")
+        f, has = int(forms[bad]), [n for k, n in _FORMS.items() if plan.forms >> k & 1]
+        raise UsageError(f"entry {bad} at {bits[bad]} bits in form {f} ({_FORMS.get(f, 'unknown')}; this "
+                         f"layout's forms on this CPU: {has}) "
+                         f"lacks chunks, is out of range {BASE_BITS}..{MAX_BITS} or not 2 bits in LUT form: "
+                         f"units {units[bad]}")
     return cas
 
 
 @njit(cache=True)
-def _unit_addresses(units, bits, nibs, nibble_ok, arena):
+def _unit_addresses(units, bits, forms, forms_ok, arena):
     """(chunk addresses [E, 8] of entries held in units of arena (C-contiguous uint8 [U, unit bytes]), 0
-    where not held; -1, or the first entry whose bits are out of range, whose nibble form this layout
-    lacks, or that lacks a chunk it reads: 0..bits-1, and 0..3 in nibble form; 0 where units hold fewer
-    than 8 per entry). One call: the same checks in numpy took ~40 us (and the arena's address from
-    Python ~3 us)."""
+    where not held; -1, or the first entry whose bits are out of range, whose form this layout lacks
+    (bit f of forms_ok), in LUT form at other than 2 bits, or that lacks a chunk it reads: 0..bits-1,
+    and 0..3 in nibble form; 0 where units hold fewer than 8 per entry). One call: the same checks in
+    numpy took ~40 us (and the arena's address from Python ~3 us)."""
     E, base, stride = units.shape[0], _addr(arena), arena.shape[1]
     cas = np.zeros((E, MAX_BITS), np.int64)
     if units.shape[1] < MAX_BITS:  # fewer than 8 per entry: rejected, never read past
         return cas, 0
     for j in range(E):
         b = bits[j]
-        if b < BASE_BITS or b > MAX_BITS or (nibs[j] and not nibble_ok):
+        f = forms[j]
+        if b < BASE_BITS or b > MAX_BITS or f < 0 or f > LUT_FORM or not (forms_ok >> f) & 1 or (
+                f == LUT_FORM and b != 2):
             return cas, j
-        need = max(b, 4) if nibs[j] else b
+        need = max(b, 4) if f == NIBBLE_FORM else b
         for c in range(MAX_BITS):
             if units[j, c] >= 0:
                 cas[j, c] = base + units[j, c] * stride

@@ -169,7 +169,7 @@ class MoePipeline:
                     if bits[k] in NIBBLE_BITS:
                         cache.rewrite_pinned(row, int(e[k]), int(cache.held[row, e[k]]))
                 nibble = cache.nibble[row, e]
-            form = {"nibble": nibble} if cache.rewrite is not None else {}
+            form = {"form": nibble} if cache.rewrite is not None else {}
             t0 = time.perf_counter()
             ptr, tokens = self._one_token_csr(len(e))
             y = self.backend.moe_ffn_units(cache.layout, cache.arena.data, units, bits, x, ptr, tokens, w,
@@ -226,7 +226,7 @@ class MoePipeline:
                 ptr.append(ptr[-1] + n)
                 self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=n)
         t0 = time.perf_counter()
-        form = {"nibble": np.array(nibble)} if self.cache.rewrite is not None else {}
+        form = {"form": np.array(nibble)} if self.cache.rewrite is not None else {}
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
                                        np.array(bits, np.int64), x, np.array(ptr, np.int64),
                                        np.concatenate(tokens), np.concatenate(weights).astype(np.float32),

@@ -184,8 +184,8 @@ def test_moe_ffn_units_refuses_missing_chunks(expert):
         cpu.moe_ffn_units(layout, arena, units, np.array([4]), *args)
     with pytest.raises(UsageError, match="out of range"):
         cpu.moe_ffn_units(layout, arena, units, np.array([9]), *args)
-    with pytest.raises(UsageError, match="nibble form: True"):  # reads chunks 0..3 even at 2 bits
-        cpu.moe_ffn_units(layout, arena, units, np.array([2]), *args, nibble=np.array([True]))
+    with pytest.raises(UsageError, match=r"form 1 \(nibble form"):  # reads chunks 0..3 even at 2 bits
+        cpu.moe_ffn_units(layout, arena, units, np.array([2]), *args, form=np.array([True]))
     cpu.moe_ffn_units(layout, arena, units, np.array([3]), *args)  # chunks 0..2 are enough here
 
 
@@ -234,11 +234,16 @@ def _nibble_case(expert):
     layout, buf = expert
     if not cpu.nibble_form(layout):
         pytest.skip("no nibble form for this layout on this CPU")
+    return (layout, *two_scattered(layout, buf))
+
+
+def two_scattered(layout, buf):
+    """(arena, units [2, 8]): the expert and a shuffled copy of it, their chunks in scattered units."""
     arena = np.zeros((18, layout.unit_bytes), dtype=np.uint8)
     units = np.array([[3, 17, 5, 9, 0, 12, 1, 15], [2, 4, 6, 8, 10, 11, 13, 14]])
     arena[units[0]] = to_units(layout, buf)
     arena[units[1]] = to_units(layout, np.frombuffer(_shuffled(layout, buf), dtype=np.uint8))
-    return layout, arena, units
+    return arena, units
 
 
 def test_nibble_form_rewrites_planes_in_place(expert):
@@ -275,10 +280,11 @@ def test_nested_matmul_units_nibble_form_every_level(expert, t):
         x = tokens(t, n, seed=t)
         for b in BITS:
             ref = reference.nested_matmul(layout, buf, name, x, b)
-            close(cpu.nested_matmul_units(layout, arena, units[0], name, x, b, nibble=True), ref)
+            close(cpu.nested_matmul_units(layout, arena, units[0], name, x, b, form=cpu.NIBBLE_FORM), ref)
             close(cpu.nested_matmul_units(layout, planes, units[0], name, x, b), ref)
-    with pytest.raises(UsageError, match="nibble form: True"):  # reads chunks 0..3 even at 2 bits
-        cpu.nested_matmul_units(layout, arena, np.r_[units[0, :2], [-1] * 6], "down", x, 2, nibble=True)
+    with pytest.raises(UsageError, match=r"form 1 \(nibble form"):  # reads chunks 0..3 even at 2 bits
+        cpu.nested_matmul_units(layout, arena, np.r_[units[0, :2], [-1] * 6], "down", x, 2,
+                                form=cpu.NIBBLE_FORM)
     with pytest.raises(UsageError, match="must be 8 unit indices"):
         cpu.nested_matmul_units(layout, arena, units[0, :4], "down", x, 4)
 
@@ -303,5 +309,5 @@ def test_moe_ffn_units_nibble_form_every_level(expert, t):
         ptr = np.concatenate([[0], np.cumsum(counts)])
         tok = np.concatenate([rng.choice(t, c, replace=False) for c in counts]).astype(np.int64)
         w = rng.random(len(tok)).astype(np.float32)
-        got = cpu.moe_ffn_units(layout, arena, all_units, bits, x, ptr, tok, w, nibble=np.array([1, 1, 0]))
+        got = cpu.moe_ffn_units(layout, arena, all_units, bits, x, ptr, tok, w, form=np.array([1, 1, 0]))
         close(got, reference.moe_ffn_units(layout, planes, all_units, bits, x, ptr, tok, w))
