@@ -149,7 +149,8 @@ def bench_shape(name, o, n, args, bits_list, tokens):
     layout, buf = random_expert({"w": (o, n)}, args.scheme, args.group)
     copies = pool_of(layout.nbytes, args.pool_mb)
     slab = np.tile(buf, (copies, 1))  # rows: distinct copies at distinct addresses
-    arena, units = nibble_arena(layout, slab)
+    arena, units = rewritten_arena(layout, slab, cpu.NIBBLE_FORM)
+    lut, _ = rewritten_arena(layout, slab, cpu.LUT_FORM)
     w32 = torch.randn(pool_of(o * n * 4, args.pool_mb), o, n)
     w16 = torch.randn(pool_of(o * n * 2, args.pool_mb), o, n, dtype=torch.bfloat16)
     reps = max(5, min(args.reps, int(args.reps * 4e6 / (o * n))))
@@ -164,7 +165,10 @@ def bench_shape(name, o, n, args, bits_list, tokens):
                                       list(slab))}
             if arena is not None and bits in NIBBLE_BITS:  # the runtime's form of resident experts
                 runs["nibble form"] = cycling(lambda u, x=x, bits=bits: cpu.nested_matmul_units(
-                    layout, arena, u, "w", x, bits, nibble=True), list(units))
+                    layout, arena, u, "w", x, bits, form=cpu.NIBBLE_FORM), list(units))
+            if lut is not None and bits == 2:
+                runs["LUT form"] = cycling(lambda u, x=x: cpu.nested_matmul_units(
+                    layout, lut, u, "w", x, 2, form=cpu.LUT_FORM), list(units))
             for form, run in runs.items():
                 run()
                 ours = median(run, reps)
@@ -180,7 +184,8 @@ def bench_moe(args, bits_list):
     rng = np.random.default_rng(0)
     layout, buf = random_expert({"gate_up": (2 * inter, d), "down": (d, inter)}, args.scheme, args.group)
     slab = np.tile(buf, (max(e, pool_of(layout.nbytes, args.pool_mb)), 1))
-    arena, units = nibble_arena(layout, slab)
+    arena, units = rewritten_arena(layout, slab, cpu.NIBBLE_FORM)
+    lut, _ = rewritten_arena(layout, slab, cpu.LUT_FORM)
     rows = []
     for t in (1, 64):
         x = rng.standard_normal((t, d)).astype(np.float32)
@@ -197,7 +202,10 @@ def bench_moe(args, bits_list):
             runs = {"planes": cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)}
             if arena is not None and bits in NIBBLE_BITS:  # the runtime's call on rewritten resident experts
                 runs["nibble form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
-                    layout, arena, units[c[0]], c[1], x, *c[2:], nibble=np.ones(len(c[0]), bool)), calls)
+                    layout, arena, units[c[0]], c[1], x, *c[2:], form=np.ones(len(c[0]), bool)), calls)
+            if lut is not None and bits == 2:
+                runs["LUT form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
+                    layout, lut, units[c[0]], c[1], x, *c[2:], form=np.full(len(c[0]), cpu.LUT_FORM)), calls)
             experts = np.mean([len(c[0]) for c in calls])
             for form, run in runs.items():
                 run()
@@ -209,18 +217,20 @@ def bench_moe(args, bits_list):
 
 def read_bits(form: str, bits: int) -> int:
     """The bits per weight a call reads: the nibble form reads its 4-bit codes at 2-4 bits."""
-    return bits if form == "planes" else max(bits, 4)
+    return max(bits, 4) if form == "nibble form" else bits
 
 
-def nibble_arena(layout, slab: np.ndarray):
-    """(arena, units [S, 8]) holding the slab's experts as units rewritten into the nibble form
-    (cpu.to_nibble_form), or (None, None) where this CPU and layout have none."""
-    if not cpu.nibble_form(layout):
+def rewritten_arena(layout, slab: np.ndarray, form: int):
+    """(arena, units [S, 8]) holding the slab's experts as units rewritten into `form`
+    (cpu.to_nibble_form or cpu.to_lut_form), or (None, None) where this CPU and layout have none."""
+    has, rewrite = {cpu.NIBBLE_FORM: (cpu.nibble_form, cpu.to_nibble_form),
+                    cpu.LUT_FORM: (cpu.lut_form, cpu.to_lut_form)}[form]
+    if not has(layout):
         return None, None
     units = np.arange(len(slab) * 8).reshape(len(slab), 8)
     arena = np.concatenate([to_units(layout, row) for row in slab])
     for u in units:
-        cpu.to_nibble_form(layout, arena, u)
+        rewrite(layout, arena, u)
     return arena, units
 
 
