@@ -98,13 +98,14 @@ def _set_threads(threads: int | None, cfg: ModelConfig) -> None:
 
 
 def _rewrite(kernels, layout, arena, resident: bool):
-    """The cache's rewrite: experts run at 3-4 bits into the cpu kernels' nibble form (runtime.moe.
-    NIBBLE_BITS), where the kernels have it and every chunk stays resident. Streamed experts keep the
-    file's planes: their time goes to reads, and there is no way back once chunk 3 is evicted."""
+    """The cache's rewrite and whether it has the LUT form: experts run at 3-4 bits into the cpu kernels'
+    nibble form (runtime.moe.NIBBLE_BITS), experts run only at 2 bits into their LUT form, where the
+    kernels have them and every chunk stays resident. Streamed experts keep the file's planes: their
+    time goes to reads, and there is no way back once chunk 3 is evicted."""
     if resident and isinstance(arena, HostArena) and getattr(kernels, "nibble_form", None) \
             and kernels.nibble_form(layout):
-        return partial(kernels.to_nibble_form, layout, arena.data)
-    return None
+        return partial(kernels.rewrite_form, layout, arena.data), kernels.lut_form(layout)
+    return None, False
 
 
 class Model:
@@ -155,8 +156,9 @@ class Model:
         arena = (DeviceArena(units, self.layout.unit_bytes, self.device) if self.device.type == "cuda"
                  else HostArena(units, self.layout.unit_bytes))
         every_level = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
+        rewrite, lut = _rewrite(kernels, self.layout, arena, keep and units >= every_level)
         self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction,
-                                 rewrite=_rewrite(kernels, self.layout, arena, keep and units >= every_level))
+                                 rewrite=rewrite, lut=lut)
         self.reader = Reader(self.container, self.cache, verify=verify)
         if prefetch and memory_budget is not None and len(arena) >= every_level:
             self.reader.fill()  # speculative reads are on and the budget holds every level: read them all

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from edge_moe.kernels.cpu import LUT_FORM, NIBBLE_FORM, PLANE_FORM
+
 
 @njit(cache=True, nogil=True)
 def assign_bits(weights, quality, min_bits, max_bits):
@@ -37,12 +39,25 @@ def fold_routing(hot, last_used, counts, step, decay):
 
 
 @njit(cache=True, nogil=True)
-def claim(held, pins, hot, last_used, step, decay, nibble, units, experts, bits, nib_lo, nib_hi,
-          out_units, out_nibble):
+def wanted_form(bits, form, nib_lo, nib_hi, lut):
+    """The form (kernels.cpu: PLANE_FORM, NIBBLE_FORM, LUT_FORM) an expert held in `form` should take to
+    run at `bits`: the nibble form at nib_lo..nib_hi bits; the LUT form at 2 bits, from planes, where
+    lut; planes again from the LUT form at other widths; else as it is (the nibble form serves every
+    width, and there is no way back from it)."""
+    if nib_lo <= bits <= nib_hi:
+        return NIBBLE_FORM
+    if bits == 2:
+        return LUT_FORM if lut and form == PLANE_FORM else form
+    return PLANE_FORM if form == LUT_FORM else form
+
+
+@njit(cache=True, nogil=True)
+def claim(held, pins, hot, last_used, step, decay, form, units, experts, bits, nib_lo, nib_hi, lut,
+          out_units, out_form):
     """One token's distinct experts of one cache row, wanting bits [K]: -1 and nothing changed when
     one holds fewer chunks than it wants; else each is pinned, the routing is folded into the row's
-    hotness (fold_routing), its units [K, 8] and nibble flags are copied out, and the result is how
-    many want nib_lo..nib_hi bits but are not in nibble form."""
+    hotness (fold_routing), its units [K, 8] and forms are copied out, and the result is how many are
+    not in the form they want (wanted_form)."""
     K = experts.shape[0]
     for k in range(K):
         if held[experts[k]] < bits[k]:
@@ -56,8 +71,8 @@ def claim(held, pins, hot, last_used, step, decay, nibble, units, experts, bits,
         e = experts[k]
         pins[e] += 1
         out_units[k] = units[e]
-        out_nibble[k] = nibble[e]
-        todo += not nibble[e] and nib_lo <= bits[k] <= nib_hi
+        out_form[k] = form[e]
+        todo += wanted_form(bits[k], form[e], nib_lo, nib_hi, lut) != form[e]
     return todo
 
 

@@ -1302,6 +1302,21 @@ def _lut_transpose(arena, units, md, back):
                         halves[16 * g + r] = meta[r * ng + g]
 
 
+def rewrite_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, old: int, new: int) -> None:
+    """Turn an expert held in arena units from form `old` into `new`, in place: planes <-> LUT form,
+    planes or LUT form -> nibble form (there is no way back from the nibble form)."""
+    if old == new:
+        return
+    if old == NIBBLE_FORM or new not in _FORMS:
+        raise UsageError(f"no rewrite from form {old} to form {new}")
+    if old == LUT_FORM:
+        to_lut_form(layout, arena, units, back=True)
+    if new == NIBBLE_FORM:
+        to_nibble_form(layout, arena, units)
+    elif new == LUT_FORM:
+        to_lut_form(layout, arena, units)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered ops (same signatures as kernels.reference).
 

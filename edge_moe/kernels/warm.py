@@ -16,7 +16,7 @@ ENTRY_POINTS = (cpu._matmul_kernel, cpu._ffn_kernel, cpu._byte_matmul_kernel,  #
                 cpu._nibble_matmul_kernel, cpu._unit_addresses, attention.decode_attention, attention.rms_rows,
                 attention.route_token, attention.add_rms_rows, bookkeeping.assign_bits, bookkeeping.claim,
                 bookkeeping.fold_routing, bookkeeping.unpin, bookkeeping.count,
-                *((cpu._to_nibbles,) if cpu.STRIDED else ()))
+                bookkeeping.wanted_form, *((cpu._to_nibbles, cpu._lut_transpose) if cpu.STRIDED else ()))
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.kernels.warm import call_every_kernel; call_every_kernel()")
 
@@ -49,7 +49,8 @@ def call_every_kernel() -> None:
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)
     if cpu.nibble_form(layout):  # resident experts rewritten, on AVX2 (ExpertCache.rewrite)
-        cpu.to_nibble_form(layout, to_units(layout, buf), np.arange(8))
+        cpu.rewrite_form(layout, to_units(layout, buf), np.arange(8), cpu.PLANE_FORM, cpu.LUT_FORM)
+        cpu.rewrite_form(layout, to_units(layout, buf), np.arange(8), cpu.LUT_FORM, cpu.NIBBLE_FORM)
 
 
 def _call_bookkeeping() -> None:
@@ -58,9 +59,10 @@ def _call_bookkeeping() -> None:
     experts, bits, counter = np.array([2, 0]), np.array([4, 3]), np.zeros(9, np.int64)
     bookkeeping.assign_bits(np.array([[0.7, 0.3]]), 0.5, 3, 4)
     held, pins, last_used = np.full(4, 8), np.zeros(4, np.int64), np.zeros(4, np.int64)
-    flags, units = np.zeros(4, np.bool_), np.zeros((4, 8), np.int64)
-    bookkeeping.claim(held, pins, np.zeros(4), last_used, 1, 0.5, flags, units, experts, bits, 3, 4,
-                      np.empty((2, 8), np.int64), np.empty(2, np.bool_))
+    forms, units = np.zeros(4, np.int8), np.zeros((4, 8), np.int64)
+    bookkeeping.claim(held, pins, np.zeros(4), last_used, 1, 0.5, forms, units, experts, bits, 3, 4, True,
+                      np.empty((2, 8), np.int64), np.empty(2, np.int8))
+    bookkeeping.wanted_form(2, 0, 3, 4, True)  # MoePipeline._wanted
     bookkeeping.fold_routing(np.zeros(4), last_used, np.ones(4, np.int64), 2, 0.5)  # record_routing
     bookkeeping.unpin(pins, experts)
     bookkeeping.count(bits, counter, counter.copy())

@@ -20,6 +20,7 @@ import numpy as np
 from edge_moe.format.layout import ExpertLayout
 from edge_moe.format.nested import MAX_BITS
 from edge_moe.kernels import bookkeeping
+from edge_moe.kernels.cpu import NIBBLE_FORM, PLANE_FORM
 
 BASE_CHUNKS = 2
 NIBBLE_CHUNKS = 4  # the chunks `rewrite` turns into 4-bit codes
@@ -30,13 +31,13 @@ EVICTIONS = ("value", "lru")  # value: bit-granular (ours); lru: whole least-rec
 class ExpertCache:
     """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`.
 
-    rewrite(units), when given, puts an expert's chunks 0..3 into the form the kernels read faster
-    (kernels.cpu.to_nibble_form); `nibble` marks the experts so held. It is meant for a cache that
-    holds every chunk (nothing is evicted); such an expert's chunks 0..3 are below its floor, so an
-    eviction takes them together."""
+    rewrite(units, old, new), when given, turns an expert from one form the kernels read into another
+    (kernels.cpu.rewrite_form: planes, nibble form, and, where lut, the 2-bit LUT form); `form` holds each
+    expert's. It is meant for a cache that holds every chunk (nothing is evicted); an expert's chunks
+    0..3 in nibble form are below its floor, so an eviction takes them together."""
 
     def __init__(self, layout: ExpertLayout, arena, layers: list[int], num_experts: int,
-                 decay: float = DECAY, eviction: str = "value", rewrite=None):
+                 decay: float = DECAY, eviction: str = "value", rewrite=None, lut: bool = False):
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction {eviction!r}: choose one of {EVICTIONS}")
         self.layout, self.decay, self.eviction = layout, decay, eviction
@@ -47,8 +48,8 @@ class ExpertCache:
         shape = (len(layers), num_experts)
         self.units = np.full((*shape, MAX_BITS), -1, dtype=np.int64)
         self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
-        self.rewrite = rewrite
-        self.nibble = np.zeros(shape, dtype=bool)  # chunks 0..3 rewritten (rewrite)
+        self.rewrite, self.lut = rewrite, lut and rewrite is not None
+        self.form = np.zeros(shape, dtype=np.int8)  # PLANE_FORM, or as rewritten
         self.hot = np.zeros(shape, dtype=np.float64)
         self.pins = np.zeros(shape, dtype=np.int64)
         # chunks an expert is useless without (the request's min_bits; 4 in nibble form): evicted
@@ -74,19 +75,19 @@ class ExpertCache:
 
     def claim_resident(self, layer: int, experts: np.ndarray, bits: np.ndarray, nibble_bits: tuple[int, int]):
         """Pin one token's distinct experts [K] of a layer and record its routing, if every one holds the
-        bits it wants [K]: (their units [K, 8], nibble flags [K], how many want nibble_bits but are not
-        rewritten), or None with nothing changed."""
-        units, nibble = np.empty((len(experts), MAX_BITS), np.int64), np.empty(len(experts), np.bool_)
+        bits it wants [K]: (their units [K, 8], forms [K], how many are not in the form they want:
+        bookkeeping.wanted_form), or None with nothing changed."""
+        units, form = np.empty((len(experts), MAX_BITS), np.int64), np.empty(len(experts), np.int8)
         lo, hi = nibble_bits if self.rewrite is not None else (1, 0)
         r = self.row[layer]
         with self.lock:
             todo = bookkeeping.claim(self.held[r], self.pins[r], self.hot[r], self.last_used[r],
-                                     self._step + 1, self.decay, self.nibble[r], self.units[r], experts, bits,
-                                     lo, hi, units, nibble)
+                                     self._step + 1, self.decay, self.form[r], self.units[r], experts, bits,
+                                     lo, hi, self.lut, units, form)
             if todo < 0:
                 return None
             self._step += 1
-        return units, nibble, todo
+        return units, form, todo
 
     def value(self, row: int, expert: int, chunk: int, extra: float = 0.0) -> float:
         """What holding `chunk` of an expert is worth: hotness x 2^-chunk; a base is worth 4x hotness.
@@ -104,7 +105,7 @@ class ExpertCache:
             r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
                                     movable.shape)
             return int(r), int(e), int(self.held[r, e]), 0.0
-        upper = movable & (self.held > np.maximum(self.floor, NIBBLE_CHUNKS * self.nibble))
+        upper = movable & (self.held > np.maximum(self.floor, NIBBLE_CHUNKS * (self.form == NIBBLE_FORM)))
         if upper.any():
             value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
             r, e = np.unravel_index(np.argmin(value), value.shape)
@@ -130,7 +131,8 @@ class ExpertCache:
                 self.units[r, e, c] = -1
                 self.evictions[c] += 1
             self.held[r, e] = top - count
-            self.nibble[r, e] &= top > count
+            if top <= count:
+                self.form[r, e] = PLANE_FORM
         return [self.free.pop() for _ in range(n)]
 
     def drop(self, row: int, expert: int) -> None:
@@ -139,7 +141,7 @@ class ExpertCache:
         self.free.extend(int(u) for u in self.units[row, expert, :held])
         self.units[row, expert, :] = -1
         self.held[row, expert] = 0
-        self.nibble[row, expert] = False
+        self.form[row, expert] = PLANE_FORM
 
     def commit(self, row: int, expert: int, first_chunk: int, units: list[int]) -> None:
         """Record chunks first_chunk.. as resident in `units`; caller holds lock."""
@@ -147,13 +149,17 @@ class ExpertCache:
         self.units[row, expert, first_chunk:first_chunk + len(units)] = units
         self.held[row, expert] = first_chunk + len(units)
 
-    def rewrite_pinned(self, row: int, expert: int, held: int) -> None:
-        """Rewrite an expert that holds chunks 0..3 in plane form; the caller pinned it, so only the
-        caller reads it meanwhile (the reader only writes chunks it has not committed)."""
-        if self.rewrite is not None and held >= NIBBLE_CHUNKS and not self.nibble[row, expert]:
-            self.rewrite(self.units[row, expert])
+    def rewrite_pinned(self, row: int, expert: int, held: int, form: int) -> None:
+        """Rewrite an expert into `form` (planes instead of the nibble form while it holds fewer than its
+        chunks 0..3); the caller pinned it, so only the caller reads it meanwhile (the reader only writes
+        chunks it has not committed)."""
+        old = int(self.form[row, expert])
+        if form == NIBBLE_FORM and held < NIBBLE_CHUNKS:
+            form = PLANE_FORM
+        if self.rewrite is not None and form != old and old != NIBBLE_FORM:
+            self.rewrite(self.units[row, expert], old, form)
             with self.lock:
-                self.nibble[row, expert] = True
+                self.form[row, expert] = form
 
     def resident_bytes(self) -> int:
         return int(self.held.sum()) * self.layout.unit_bytes

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge_moe.format.nested import BASE_BITS
-from edge_moe.kernels.bookkeeping import unpin
+from edge_moe.kernels.bookkeeping import unpin, wanted_form
 from edge_moe.model.layers import route
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
@@ -161,15 +161,15 @@ class MoePipeline:
         claimed = cache.claim_resident(layer, e, bits, (NIBBLE_BITS[0], NIBBLE_BITS[-1]))
         if claimed is None:
             return None
-        units, nibble, todo = claimed
+        units, forms, todo = claimed
         row = cache.row[layer]
         try:
-            if todo:  # experts met at 3-4 bits for the first time
+            if todo:  # experts not yet in the form their bits want (3-4: nibble form, 2: LUT form)
                 for k in range(len(e)):
-                    if bits[k] in NIBBLE_BITS:
-                        cache.rewrite_pinned(row, int(e[k]), int(cache.held[row, e[k]]))
-                nibble = cache.nibble[row, e]
-            form = {"form": nibble} if cache.rewrite is not None else {}
+                    want = self._wanted(bits[k], forms[k])
+                    cache.rewrite_pinned(row, int(e[k]), int(cache.held[row, e[k]]), want)
+                forms = cache.form[row, e]
+            form = {"form": forms} if cache.rewrite is not None else {}
             t0 = time.perf_counter()
             ptr, tokens = self._one_token_csr(len(e))
             y = self.backend.moe_ffn_units(cache.layout, cache.arena.data, units, bits, x, ptr, tokens, w,
@@ -185,6 +185,21 @@ class MoePipeline:
         self.stats.record_resident(bits)
         self._prefetch(layer, x)
         return y
+
+    def _wanted(self, bits: int, form: int) -> int:
+        return wanted_form(int(bits), int(form), NIBBLE_BITS[0], NIBBLE_BITS[-1], self.cache.lut)
+
+    def _rewrite_for(self, row: int, expert: int, held: int, widths: list[int]) -> None:
+        """Put a pinned expert into one form that serves every width it runs at in this call: the nibble
+        form if one is 3-4 bits, the LUT form only if all are 2, planes instead of the LUT form else."""
+        if self.cache.rewrite is None:
+            return
+        form = int(self.cache.form[row, expert])
+        if any(b in NIBBLE_BITS for b in widths):
+            want = self._wanted(NIBBLE_BITS[-1], form)
+        else:  # all 2 bits: the LUT form; else what the widest wants
+            want = self._wanted(2 if max(widths) == 2 else max(widths), form)
+        self.cache.rewrite_pinned(row, expert, held, want)
 
     @functools.cache  # noqa: B019 - a few small arrays per top-k, for the pipeline's life
     def _one_token_csr(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,24 +224,23 @@ class MoePipeline:
                  resident: dict[int, int]) -> torch.Tensor:
         """One kernel call over the ready experts; an expert's pairs split by width, each capped by
         the levels held (never below `must`)."""
-        units, bits, ptr, tokens, weights, nibble = [], [], [0], [], [], []
+        units, bits, ptr, tokens, weights, forms = [], [], [0], [], [], []
         for r, held in ready:
             assert held >= r.want.must, (r.want, held)
             widths = _by_width(r, held)
-            if any(b in NIBBLE_BITS for b, _ in widths):
-                self.cache.rewrite_pinned(row, r.want.expert, held)
+            self._rewrite_for(row, r.want.expert, held, [b for b, _ in widths])
             expert_units = self.cache.units[row, r.want.expert]  # chunks < held stay while pinned
             for b, sel in widths:
                 n = len(r.tokens[sel])
                 units.append(expert_units)
-                nibble.append(self.cache.nibble[row, r.want.expert])
+                forms.append(self.cache.form[row, r.want.expert])
                 bits.append(b)
                 tokens.append(r.tokens[sel])
                 weights.append(r.weights[sel])
                 ptr.append(ptr[-1] + n)
                 self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=n)
         t0 = time.perf_counter()
-        form = {"form": np.array(nibble)} if self.cache.rewrite is not None else {}
+        form = {"form": np.array(forms, np.int8)} if self.cache.rewrite is not None else {}
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
                                        np.array(bits, np.int64), x, np.array(ptr, np.int64),
                                        np.concatenate(tokens), np.concatenate(weights).astype(np.float32),

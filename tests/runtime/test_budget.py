@@ -94,7 +94,7 @@ def test_offload_on_and_off_give_identical_tokens(wide_model, monkeypatch):
     two (0.004 apart), so the whole model keeps the planes here, as the budgeted one does."""
     import edge_moe.api
 
-    monkeypatch.setattr(edge_moe.api, "_rewrite", lambda *args: None)
+    monkeypatch.setattr(edge_moe.api, "_rewrite", lambda *args: (None, False))
     prompt = list(range(3, 43))
     with edge_moe.load(wide_model) as full:
         want = list(full.generate_ids(prompt, max_tokens=16, bits=4))

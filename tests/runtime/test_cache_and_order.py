@@ -3,6 +3,7 @@
 import numpy as np
 
 from edge_moe.format.layout import build_layout
+from edge_moe.kernels import cpu
 from edge_moe.runtime.arena import HostArena
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.reader import Reader, Want, hebf_reads
@@ -99,13 +100,13 @@ def test_an_expert_in_nibble_form_keeps_chunks_0_to_3_together():
     cache = small_cache(8)
     fill(cache, 0, 0, 5, hot=1.0)
     fill(cache, 0, 1, 3, hot=9.0)
-    cache.nibble[0, 0] = True
+    cache.form[0, 0] = cpu.NIBBLE_FORM
     cache.take_units(1, keep=(1, 0))  # 0 free: the cold expert's 5th chunk goes
     assert list(cache.held[0, :2]) == [4, 3]
     # 2 more: upper chunks go before bases, so the hot expert's 3rd; then, with no upper chunk left,
     # the cold one's 4 together (a plane-form expert would have lost its 4th chunk instead)
     cache.take_units(2, keep=(1, 0))
-    assert list(cache.held[0, :2]) == [0, 2] and not cache.nibble[0, 0]
+    assert list(cache.held[0, :2]) == [0, 2] and cache.form[0, 0] == cpu.PLANE_FORM
 
 
 def test_a_prefetch_that_found_no_room_does_not_release_an_expert_below_its_must():
@@ -241,9 +242,9 @@ def test_claim_resident_pins_and_records_only_when_every_expert_holds_its_bits()
     experts = np.array([3, 0])
     assert cache.claim_resident(1, experts, np.array([4, 2]), (3, 4)) is None  # expert 3 holds 3 chunks
     assert not cache.pins.any() and cache.hot[1].tolist() == [1.0, 0, 0, 0]
-    units, nibble, todo = cache.claim_resident(1, experts, np.array([3, 4]), (3, 4))
+    units, forms, todo = cache.claim_resident(1, experts, np.array([3, 4]), (3, 4))
     assert cache.pins[1].tolist() == [1, 0, 0, 1] and (units == cache.units[1, experts]).all()
-    assert not nibble.any() and todo == 0  # no rewrite on this cache: nothing to put in nibble form
+    assert not forms.any() and todo == 0  # no rewrite on this cache: nothing to put in another form
     other.record_routing(1, np.array([1, 0, 0, 1]))  # the general path's record of the same routing
     np.testing.assert_allclose(cache.hot, other.hot)
     assert (cache.last_used == other.last_used).all()
