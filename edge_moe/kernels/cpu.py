@@ -59,7 +59,8 @@ How a row is computed (y[o] = sum_g c[o,g] * q[o,g,:] . x_g + offset[o,g] * sum(
   1090 us (0.51x, 91% of read bandwidth), OLMoE layer (8 experts) 0.54 against 1.04 ms (0.52x),
   OLMoE 2048x1024 alone 44 against 69 us (0.63x); the plane kernel at 2 bits took 0.89-0.99x of the
   4-bit nibble time. The tables cost held-out perplexity nothing measurable on the demo model at 2
-  bits (20.036 against 20.049 with int8 activations, 20.066 with float32 ones).
+  bits (20.036 against 20.049 with int8 activations, 20.066 with float32 ones). The runtime puts
+  resident experts run only at 2 bits into this form (runtime.moe, bookkeeping.wanted_form).
 - Row metadata (fp16 scales and minima, _coefs) comes in by simd._h2f. Before it avoided LLVM's
   lowering of a 16-bit masked load on AVX2 (16 branches per call), rows took 6.3 / 9.3 / 7.1 ns per
   group (nibble form, 4-bit and 2-bit planes) where they now take 3.5 / 5.9 / 3.9.
