@@ -1277,30 +1277,28 @@ def _lut_transpose(arena, units, md, back):
     256 g + 32 (j // 2) + 16 (j % 2) + r of each block of LUT_ROWS rows; its fp16 scales (chunk 0) and
     minima (chunk 1), [O, ng] row-major, at 16 g + r of each block's 16 ng: or back."""
     ng, rb, poff, moff = md[3], md[5], md[6], md[7]
-    block = np.empty(LUT_ROWS * rb, np.uint8)
-    meta = np.empty(LUT_ROWS * ng, np.uint16)
+    planes, meta = np.empty(LUT_ROWS * rb, np.int64), np.empty(LUT_ROWS * ng, np.int64)  # plane i -> LUT
+    for r in range(LUT_ROWS):
+        for g in range(ng):
+            meta[r * ng + g] = 16 * g + r
+            for j in range(16):
+                planes[r * rb + 16 * g + j] = 256 * g + 32 * (j // 2) + 16 * (j % 2) + r
     for p in range(2):
         for b in range(md[0] // LUT_ROWS):
             s = poff + b * LUT_ROWS * rb
-            dst = arena[units[p], s:s + LUT_ROWS * rb]
-            block[:] = dst
-            for r in range(LUT_ROWS):
-                for g in range(ng):
-                    for j in range(16):
-                        plane, lut = r * rb + 16 * g + j, 256 * g + 32 * (j // 2) + 16 * (j % 2) + r
-                        if back:
-                            dst[plane] = block[lut]
-                        else:
-                            dst[lut] = block[plane]
+            _permute(arena[units[p], s:s + LUT_ROWS * rb], planes, back)
             s = moff + 2 * b * LUT_ROWS * ng
-            halves = arena[units[p], s:s + 2 * LUT_ROWS * ng].view(np.uint16)
-            meta[:] = halves
-            for r in range(LUT_ROWS):
-                for g in range(ng):
-                    if back:
-                        halves[r * ng + g] = meta[16 * g + r]
-                    else:
-                        halves[16 * g + r] = meta[r * ng + g]
+            _permute(arena[units[p], s:s + 2 * LUT_ROWS * ng].view(np.uint16), meta, back)
+
+
+@njit(inline='always')
+def _permute(a, order, back):
+    """a[order[i]] = a[i] for every i, in place (back: a[i] = a[order[i]])."""
+    was = a.copy()
+    if back:
+        a[:] = was[order]
+    else:
+        a[order] = was
 
 
 def rewrite_form(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, old: int, new: int) -> None:

@@ -49,8 +49,9 @@ def call_every_kernel() -> None:
     cpu.byte_matmul(np.zeros((8, 128), np.uint8), scale, minimum, x)  # the dense part at 8 bits (ByteLinear)
     cpu.nibble_matmul(np.zeros((8, 64), np.uint8), scale, minimum, x)  # and at 4 (NibbleLinear)
     if cpu.nibble_form(layout):  # resident experts rewritten, on AVX2 (ExpertCache.rewrite)
-        cpu.rewrite_form(layout, to_units(layout, buf), np.arange(8), cpu.PLANE_FORM, cpu.LUT_FORM)
-        cpu.rewrite_form(layout, to_units(layout, buf), np.arange(8), cpu.LUT_FORM, cpu.NIBBLE_FORM)
+        arena = to_units(layout, buf)
+        cpu.rewrite_form(layout, arena, np.arange(8), cpu.PLANE_FORM, cpu.LUT_FORM)
+        cpu.rewrite_form(layout, arena, np.arange(8), cpu.LUT_FORM, cpu.NIBBLE_FORM)
 
 
 def _call_bookkeeping() -> None:

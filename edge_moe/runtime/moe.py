@@ -194,12 +194,8 @@ class MoePipeline:
         form if one is 3-4 bits, the LUT form only if all are 2, planes instead of the LUT form else."""
         if self.cache.rewrite is None:
             return
-        form = int(self.cache.form[row, expert])
-        if any(b in NIBBLE_BITS for b in widths):
-            want = self._wanted(NIBBLE_BITS[-1], form)
-        else:  # all 2 bits: the LUT form; else what the widest wants
-            want = self._wanted(2 if max(widths) == 2 else max(widths), form)
-        self.cache.rewrite_pinned(row, expert, held, want)
+        widest = NIBBLE_BITS[-1] if any(b in NIBBLE_BITS for b in widths) else max(widths)
+        self.cache.rewrite_pinned(row, expert, held, self._wanted(widest, self.cache.form[row, expert]))
 
     @functools.cache  # noqa: B019 - a few small arrays per top-k, for the pipeline's life
     def _one_token_csr(self, k: int) -> tuple[np.ndarray, np.ndarray]:
