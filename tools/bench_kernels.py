@@ -3,6 +3,7 @@
     python tools/bench_kernels.py                 # GEMV table, GEMM table, one MoE layer, first call
     python tools/bench_kernels.py --quick         # fewer shapes and repetitions
     python tools/bench_kernels.py --scheme mwq --pool-mb 2048
+    python tools/bench_kernels.py --device cuda [bench_cuda.py's options]   # the CUDA kernels
 
 Every time is the median of many calls (the machine is shared, so single calls are noisy), and every
 call reads weights that are not in any cache: each call takes the next buffer of a pool larger than
@@ -273,8 +274,14 @@ def table(header: list[str], rows: list, fmt: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    known, rest = device.parse_known_args(argv)
+    if known.device == "cuda":  # the CUDA kernels' tables (tools/bench_cuda.py), same machine, same run
+        import bench_cuda
+        return bench_cuda.main(rest)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[device])
     p.add_argument("--scheme", default="msb", choices=("msb", "mwq"))
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--pool-mb", type=int, default=1024, help="weights cycled per measurement (> LLC)")
@@ -317,7 +324,8 @@ def main(argv=None) -> None:
     print("first call (fresh process): import s | first expert_ffn s | other kernels s")
     for label, vals in first_call(args.scheme):
         print(f"  {label}: " + " | ".join(vals))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
