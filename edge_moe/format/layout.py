@@ -9,6 +9,7 @@ a contiguous expert buffer (as read from disk) has chunk c at `chunk_starts[c]`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +51,10 @@ class ExpertLayout:
     chunk_sizes: tuple[int, ...]
     unit_bytes: int  # the largest chunk, 64-aligned
 
-    @property
+    @functools.cached_property
     def level_ends(self) -> tuple[int, ...]:
-        """level_ends[k-1]: bytes of a prefix read of levels 1..k (bits k+1)."""
+        """level_ends[k-1]: bytes of a prefix read of levels 1..k (bits k+1); computed once (the cuda
+        path's per-call checks asked ~70 times a decode step)."""
         return tuple(self.chunk_starts[b - 1] + self.chunk_sizes[b - 1]
                      for b in range(BASE_BITS, MAX_BITS + 1))
 
