@@ -203,7 +203,8 @@ def bench_moe(args, bits_list):
             runs = {"planes": cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)}
             if arena is not None and bits in NIBBLE_BITS:  # the runtime's call on rewritten resident experts
                 runs["nibble form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
-                    layout, arena, units[c[0]], c[1], x, *c[2:], form=np.ones(len(c[0]), bool)), calls)
+                    layout, arena, units[c[0]], c[1], x, *c[2:], form=np.full(len(c[0]), cpu.NIBBLE_FORM)),
+                    calls)
             if lut is not None and bits == 2:
                 runs["LUT form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
                     layout, lut, units[c[0]], c[1], x, *c[2:], form=np.full(len(c[0]), cpu.LUT_FORM)), calls)
@@ -223,15 +224,13 @@ def read_bits(form: str, bits: int) -> int:
 
 def rewritten_arena(layout, slab: np.ndarray, form: int):
     """(arena, units [S, 8]) holding the slab's experts as units rewritten into `form`
-    (cpu.to_nibble_form or cpu.to_lut_form), or (None, None) where this CPU and layout have none."""
-    has, rewrite = {cpu.NIBBLE_FORM: (cpu.nibble_form, cpu.to_nibble_form),
-                    cpu.LUT_FORM: (cpu.lut_form, cpu.to_lut_form)}[form]
-    if not has(layout):
+    (cpu.rewrite_form), or (None, None) where this CPU and layout have none."""
+    if not (cpu.nibble_form if form == cpu.NIBBLE_FORM else cpu.lut_form)(layout):
         return None, None
     units = np.arange(len(slab) * 8).reshape(len(slab), 8)
     arena = np.concatenate([to_units(layout, row) for row in slab])
     for u in units:
-        rewrite(layout, arena, u)
+        cpu.rewrite_form(layout, arena, u, cpu.PLANE_FORM, form)
     return arena, units
 
 

@@ -166,8 +166,7 @@ class MoePipeline:
         try:
             if todo:  # experts not yet in the form their bits want (3-4: nibble form, 2: LUT form)
                 for k in range(len(e)):
-                    want = self._wanted(bits[k], forms[k])
-                    cache.rewrite_pinned(row, int(e[k]), int(cache.held[row, e[k]]), want)
+                    self._rewrite_for(row, int(e[k]), int(cache.held[row, e[k]]), [int(bits[k])])
                 forms = cache.form[row, e]
             form = {"form": forms} if cache.rewrite is not None else {}
             t0 = time.perf_counter()
@@ -186,16 +185,15 @@ class MoePipeline:
         self._prefetch(layer, x)
         return y
 
-    def _wanted(self, bits: int, form: int) -> int:
-        return wanted_form(int(bits), int(form), NIBBLE_BITS[0], NIBBLE_BITS[-1], self.cache.lut)
-
     def _rewrite_for(self, row: int, expert: int, held: int, widths: list[int]) -> None:
         """Put a pinned expert into one form that serves every width it runs at in this call: the nibble
         form if one is 3-4 bits, the LUT form only if all are 2, planes instead of the LUT form else."""
         if self.cache.rewrite is None:
             return
         widest = NIBBLE_BITS[-1] if any(b in NIBBLE_BITS for b in widths) else max(widths)
-        self.cache.rewrite_pinned(row, expert, held, self._wanted(widest, self.cache.form[row, expert]))
+        want = wanted_form(widest, int(self.cache.form[row, expert]), NIBBLE_BITS[0], NIBBLE_BITS[-1],
+                           self.cache.lut)
+        self.cache.rewrite_pinned(row, expert, held, want)
 
     @functools.cache  # noqa: B019 - a few small arrays per top-k, for the pipeline's life
     def _one_token_csr(self, k: int) -> tuple[np.ndarray, np.ndarray]:
