@@ -2,73 +2,37 @@
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
-from edge_moe.config import ModelConfig, parse_size
-from edge_moe.errors import FormatError, UsageError
+from edge_moe.config import ModelConfig, format_size, parse_size
+from edge_moe.errors import BudgetError, FormatError, UsageError
 from edge_moe.format.container import Container
-from edge_moe.format.layout import build_layout
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
-from edge_moe.kernels.warm import prepare as prepare_cpu_kernels
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
-from edge_moe.model.packed import check_dense_bits, pack_linear, packs
-from edge_moe.model.weights import expert_shapes, qkv_part
+from edge_moe.model.load import dense_weights, eos_ids, read_model, tokenizer
+from edge_moe.model.packed import check_dense_bits
 from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache
+from edge_moe.runtime.generate import decode_tokens, prefill
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
-from edge_moe.runtime.moe import STREAMING, MoePipeline, default_streaming
-from edge_moe.runtime.reader import Reader
+from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
+from edge_moe.runtime.reader import Reader, Want
 from edge_moe.runtime.sampling import sample
-from edge_moe.runtime.stats import RunStats
+from edge_moe.runtime.warm import prepare as prepare_kernels
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo.emoe"
-
-
-def _dense_weights(container: Container, dtype: torch.dtype, bits: int, backend) -> dict:
-    """Dense tensors in `dtype`; with bits < 16 the embedding, projections and LM head are packed one
-    by one as they are read. A layer's q, k and v (and their biases) become one `qkv` tensor. Routers
-    are float32: their top-k decides everything downstream, and a float32 GEMV of [E, D] is ~4x
-    faster on the cpu than torch's bf16 one."""
-    out, parts = {}, {}
-    for name, entry in container.manifest["dense"].items():
-        raw = torch.from_numpy(container.read_dense(name)).view(torch.bfloat16).reshape(entry["shape"])
-        if (part := qkv_part(name)) is not None:
-            name, i = part
-            parts.setdefault(name, {})[i] = raw
-            if len(parts[name]) < 3:
-                continue
-            group = parts.pop(name)
-            raw = torch.cat([group[j] for j in range(3)])
-        out[name] = (pack_linear(raw, bits, backend) if bits < 16 and packs(name)
-                     else raw.float() if name.endswith(".router") else raw.to(dtype))
-    if parts:
-        raise FormatError(f"{container.path}: {', '.join(parts)} lack one of q, k and v")
-    return out
-
-
-def _tokenizer(container: Container) -> Tokenizer | None:
-    data = container.read_file("tokenizer.json")
-    return Tokenizer.from_str(data.decode()) if data else None
-
-
-def _eos_ids(container: Container, tok: Tokenizer | None) -> set[int]:
-    gen = json.loads(container.read_file("generation_config.json") or b"{}")
-    eos = gen.get("eos_token_id")
-    if eos is None and tok is not None:
-        name = json.loads(container.read_file("tokenizer_config.json") or b"{}").get("eos_token")
-        eos = tok.token_to_id(name) if isinstance(name, str) else None
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
 SMALL_HIDDEN = 1024
@@ -97,128 +61,140 @@ def _set_threads(threads: int | None, cfg: ModelConfig) -> None:
         torch.set_num_threads(int(threads))
 
 
-def _rewrite(kernels, layout, arena, resident: bool):
-    """The cache's rewrite and whether it has the LUT form: experts run at 3-4 bits into the cpu kernels'
-    nibble form (runtime.moe.NIBBLE_BITS), experts run only at 2 bits into their LUT form, where the
-    kernels have them and every chunk stays resident. Streamed experts keep the file's planes: their
-    time goes to reads, and there is no way back once chunk 3 is evicted."""
-    if resident and isinstance(arena, HostArena) and getattr(kernels, "nibble_form", None) \
-            and kernels.nibble_form(layout):
-        return partial(kernels.rewrite_form, layout, arena.data), kernels.lut_form(layout)
-    return None, False
+def _dense_bits(bits: int | None, device: torch.device) -> int:
+    """--dense-bits, checked: default 8 on the cpu, 16 (the file's bf16) on cuda, which packs nothing."""
+    bits = check_dense_bits(bits if bits is not None else 16 if device.type == "cuda" else 8)
+    if bits < 16 and device.type == "cuda":
+        raise UsageError("packed dense weights run on the cpu only; use --dense-bits 16 with --device cuda")
+    return bits
+
+
+def _streaming(name: str | None) -> tuple[str, bool, bool]:
+    """(eviction, speculative reads, keep experts after use) of a name of runtime.moe.STREAMING."""
+    name = name or default_streaming()
+    if name not in STREAMING:
+        raise UsageError(f"streaming={name!r} is unknown; choose one of {', '.join(STREAMING)}")
+    return STREAMING[name]
 
 
 class Model:
-    """A loaded .emoe model: dense part resident, experts streamed by level through a budgeted cache."""
+    """A loaded .emoe model: dense part resident, experts streamed by level through a budgeted cache.
+    Calls from several threads are safe: they take turns, one forward step at a time."""
 
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str | None = None,
                  dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
-                 threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None):
+                 threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None,
+                 resident_forms: bool = True):
         """dense_bits: 4..8 packs the projections and LM head (cpu; default 8): byte or nibble codes at 8
         and 4, nested bit-planes at 5-7; 16 keeps them in `dense_dtype` (the default on cuda).
         streaming: a name of runtime.moe.STREAMING; default HEBF, with next-layer prefetch where there
-        are cores to spare (default_streaming)."""
+        are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
+        faster layouts when the cache holds every chunk (False: always the file's planes)."""
         self.device = _check_device(device)
-        backend = backend or default_backend(self.device)
-        kernels = get_backend(backend)  # import (and load numba) before measuring the baseline
-        prepare_cpu_kernels()  # every backend's bookkeeping is numba: compiled in a child process the
-        # first time, so LLVM's memory stays out of the budget
-        self.dense_bits = check_dense_bits(dense_bits if dense_bits is not None
-                                           else 16 if self.device.type == "cuda" else 8)
-        if self.dense_bits < 16 and self.device.type == "cuda":
-            raise UsageError("packed dense weights run on the cpu only; use --dense-bits 16 with --device cuda")
+        kernels = get_backend(backend or default_backend(self.device))  # imports numba before the baseline
+        prepare_kernels()  # compiled in a child process the first time: LLVM's memory stays out of the budget
+        self.dense_bits = _dense_bits(dense_bits, self.device)
         baseline = current_rss()
         self.rss = PeakRss()
         self.path, self.prefill_chunk = Path(path), int(prefill_chunk)
         self.container = Container(self.path, drop_page_cache=drop_page_cache)
-        m = self.container.manifest
-        self.config = cfg = ModelConfig.from_dict(m["model"])
+        self.config, self.layout = read_model(self.container)
+        cfg = self.config
         self.max_context = min(int(max_context), cfg.max_position_embeddings)
-        self.layout = build_layout(expert_shapes(cfg), m["quant"]["scheme"], m["quant"]["group"])
-        if self.layout.to_dict() != m["expert_layout"]:
-            raise FormatError(f"{self.path}: its expert layout differs from this edge-moe version's; "
-                              "convert the checkpoint again")
         _set_threads(threads, cfg)
-        self.tokenizer = _tokenizer(self.container)
-        self.eos_ids = _eos_ids(self.container, self.tokenizer)
-        dense = _dense_weights(self.container, dense_dtype, self.dense_bits, kernels)
+        self.tokenizer = tokenizer(self.container)
+        self.eos_ids = eos_ids(self.container, self.tokenizer)
+        eviction, speculative, keep = _streaming(streaming)
+        dense = dense_weights(self.container, dense_dtype, self.dense_bits, kernels)
         trim_heap()
-        self.memory_plan = self._plan(memory_budget, dense, baseline)
-        units = self.memory_plan.cache_units if self.memory_plan else len(cfg.moe_layers) * cfg.num_experts * 8
+        self.memory_plan = self._plan(memory_budget, gpu_memory_budget, dense, baseline).decide(
+            speculative, keep, resident_forms and self.device.type == "cpu")
         if self.device.type == "cuda":
             dense = {k: v.to(self.device) for k, v in dense.items()}
-            units = self._gpu_units(gpu_memory_budget, dense)
-        streaming = streaming or default_streaming()
-        if streaming not in STREAMING:
-            raise UsageError(f"streaming={streaming!r} is unknown; choose one of {', '.join(STREAMING)}")
-        eviction, prefetch, keep = STREAMING[streaming]
-        arena = (DeviceArena(units, self.layout.unit_bytes, self.device) if self.device.type == "cuda"
-                 else HostArena(units, self.layout.unit_bytes))
-        every_level = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
-        rewrite, lut = _rewrite(kernels, self.layout, arena, keep and units >= every_level)
-        self.cache = ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction,
-                                 rewrite=rewrite, lut=lut)
+        self.cache = self._cache(kernels, eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
-        if prefetch and memory_budget is not None and len(arena) >= every_level:
-            self.reader.fill()  # speculative reads are on and the budget holds every level: read them all
+        if self.memory_plan.fill:
+            self.reader.fill()
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
         self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers,
-                                    prefetch=prefetch, keep=keep)
+                                    prefetch=speculative, keep=keep)
         self.decoder = Decoder(cfg, dense, self.pipeline)
         self.stats: dict = {}
+        self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
+        self._calls = 0  # calls in flight: the peak RSS counter is reset only when none is
 
-    def _plan(self, memory_budget, dense: dict, baseline: int) -> MemoryPlan | None:
-        if memory_budget is None:
-            return None
-        cfg = self.config
-        kv = KVCache.bytes_for(cfg, self.max_context)
-        return plan_memory(parse_size(memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
-                           self.layout.unit_bytes, self.prefill_chunk, self.max_context, baseline)
+    def _plan(self, memory_budget, gpu_memory_budget, dense: dict, baseline: int) -> MemoryPlan:
+        """The host plan; on cuda the cache lives in VRAM, sized by --gpu-memory-budget (or every chunk)."""
+        cfg, kv = self.config, KVCache.bytes_for(self.config, self.max_context)
+        dense_bytes = sum(t.nbytes for t in dense.values())
+        budget = None if memory_budget is None else parse_size(memory_budget)
+        plan = plan_memory(budget, cfg, dense_bytes, kv, self.layout.unit_bytes, self.prefill_chunk,
+                           self.max_context, baseline)
+        if self.device.type != "cuda":
+            return plan
+        gpu = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
+        self.gpu_memory_plan = plan_memory(gpu, cfg, dense_bytes, kv, self.layout.unit_bytes,
+                                           self.prefill_chunk, self.max_context, baseline=0,
+                                           what="--gpu-memory-budget", min_margin=GPU_MIN_MARGIN)
+        return replace(plan, cache_units=self.gpu_memory_plan.cache_units)
 
-    def _gpu_units(self, gpu_memory_budget, dense: dict) -> int:
-        """Expert units that fit in VRAM: all of them, or what --gpu-memory-budget leaves."""
-        cfg, unit = self.config, self.layout.unit_bytes
-        everything = len(cfg.moe_layers) * cfg.num_experts * 8
-        if gpu_memory_budget is None:
-            return everything
-        kv = KVCache.bytes_for(cfg, self.max_context)
-        plan = plan_memory(parse_size(gpu_memory_budget), cfg, sum(t.nbytes for t in dense.values()), kv,
-                           unit, self.prefill_chunk, self.max_context, baseline=0, what="--gpu-memory-budget",
-                           min_margin=GPU_MIN_MARGIN)
-        self.gpu_memory_plan = plan
-        return min(plan.cache_units, everything)
+    def _cache(self, kernels, eviction: str) -> ExpertCache:
+        cfg, units, unit_bytes = self.config, self.memory_plan.cache_units, self.layout.unit_bytes
+        arena = (DeviceArena(units, unit_bytes, self.device) if self.device.type == "cuda"
+                 else HostArena(units, unit_bytes))
+        forms = kernels.resident_forms(self.layout, arena.data) if self.memory_plan.resident_forms else None
+        return ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction,
+                           forms=forms)
+
+    def preload(self, bits: int = MAX_BITS) -> None:
+        """Read every expert's levels up to `bits` now (before timing, or to work offline from the
+        disk); refused when the cache cannot hold them all."""
+        BitRequest.make(bits=bits)  # validates the width
+        cfg, need = self.config, len(self.config.moe_layers) * self.config.num_experts * int(bits)
+        if need > self.cache.n_units:
+            raise BudgetError(f"preloading every expert at {bits} bits takes {need} chunks of "
+                              f"{format_size(self.layout.unit_bytes)}; the cache holds {self.cache.n_units}: "
+                              "raise --memory-budget or preload fewer bits")
+        for layer in cfg.moe_layers:
+            self.reader.submit(layer, [Want(e, int(bits), int(bits), 1.0) for e in range(cfg.num_experts)])
+        self.reader.drain()
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UsageError(f"{self.path} carries no tokenizer.json; pass token ids instead of text")
         return self.tokenizer.encode(text).ids
 
-    def _start(self, n_tokens: int, knobs: dict) -> KVCache:
+    def _forward(self, ids: torch.Tensor, kv: KVCache, call: Call, all_logits: bool = False) -> torch.Tensor:
+        with self._step_lock:
+            return self.decoder.forward(ids, kv, call, all_logits)
+
+    @contextmanager
+    def _call(self, n_tokens: int, knobs: dict):
+        """A request's Call and KV cache; records the model's stats when it ends."""
         if n_tokens > self.max_context:
             raise UsageError(f"{n_tokens} tokens exceed the context of {self.max_context}; "
                              "raise --max-context or shorten the prompt / --max-tokens")
-        self.pipeline.request = BitRequest.make(**knobs)
-        with self.cache.lock:  # below min_bits an expert is useless: keep or drop those chunks together
-            self.cache.floor = max(2, self.pipeline.request.min_bits)
-        self.pipeline.stats = RunStats()
-        self._bytes0, self._read_s0 = self.reader.bytes_read, self.reader.read_seconds
-        self.rss.reset()
-        return self.decoder.new_cache(n_tokens)
-
-    def _prefill(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        outs = [self.decoder.forward(torch.tensor(ids[i:i + self.prefill_chunk]), cache, all_logits)
-                for i in range(0, len(ids), self.prefill_chunk)]
-        return torch.cat(outs) if all_logits else outs[-1]
+        call = Call(BitRequest.make(**knobs))
+        with self._step_lock:
+            if self._calls == 0:
+                self.rss.reset()
+            self._calls += 1
+            start = {"bytes": self.reader.bytes_read, "read_s": self.reader.read_seconds}
+        try:
+            yield call, self.decoder.new_cache(n_tokens), start
+        finally:
+            with self._step_lock:
+                self._calls -= 1
 
     def logits(self, token_ids, bits: int | None = None, **knobs) -> np.ndarray:
         """Full-sequence forward: logits [T, V] float32 for every position."""
         ids = [int(t) for t in token_ids]
-        cache = self._start(len(ids), {"bits": bits, **knobs})
-        out = self._prefill(ids, cache, all_logits=True).numpy()
-        self.stats = {"prompt_tokens": len(ids), **self.pipeline.stats.as_dict(),
-                      "bytes_read": self.reader.bytes_read - self._bytes0, "peak_rss": self.rss.peak,
-                      "peak_rss_process": self.rss.process_peak}
+        with self._call(len(ids), {"bits": bits, **knobs}) as (call, kv, start):
+            out = prefill(self._forward, ids, kv, call, self.prefill_chunk, all_logits=True).numpy()
+            self.stats = {"prompt_tokens": len(ids), **call.stats.as_dict(),
+                          "bytes_read": self.reader.bytes_read - start["bytes"], "peak_rss": self.rss.peak,
+                          "peak_rss_process": self.rss.process_peak}
         return out
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
@@ -228,32 +204,30 @@ class Model:
         """Yield new token ids one by one (prefill the prompt, then decode)."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
-        cache = self._start(len(prompt_ids) + max_tokens,
-                            {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits,
-                             "wait": wait})
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        t0 = time.perf_counter()
-        logits = self._prefill(list(prompt_ids), cache)[-1]
-        t1, n = time.perf_counter(), 0
-        for n in range(1, max_tokens + 1):
-            token = sample(logits, temperature, top_p, gen)
-            yield token
-            if token in self.eos_ids or n == max_tokens:
-                break
-            logits = self.decoder.forward(torch.tensor([token]), cache)[-1]
-        self._record(len(prompt_ids), n, t1 - t0, time.perf_counter() - t1)
+        knobs = {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits, "wait": wait}
+        with self._call(len(prompt_ids) + max_tokens, knobs) as (call, kv, start):
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            pick = partial(sample, temperature=temperature, top_p=top_p, generator=gen)
+            t0 = time.perf_counter()
+            logits = prefill(self._forward, list(prompt_ids), kv, call, self.prefill_chunk)[-1]
+            t1, new = time.perf_counter(), 0
+            for token in decode_tokens(self._forward, logits, kv, call, max_tokens, pick, self.eos_ids):
+                new += 1
+                yield token
+            self._record(call, start, len(prompt_ids), new, t1 - t0, time.perf_counter() - t1)
 
-    def _record(self, prompt: int, new: int, prefill_s: float, decode_s: float) -> None:
-        read = self.reader.bytes_read - self._bytes0
+    def _record(self, call: Call, start: dict, prompt: int, new: int, prefill_s: float,
+                decode_s: float) -> None:
+        read = self.reader.bytes_read - start["bytes"]
         self.stats = {"prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
                       # the first new token comes from the prefill's logits: n tokens, n - 1 decode steps
                       "decode_tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
-                      **self.pipeline.stats.as_dict(),
-                      "stall_fraction": self.pipeline.stats.stall_s / max(prefill_s + decode_s, 1e-9),
+                      **call.stats.as_dict(),
+                      "stall_fraction": call.stats.stall_s / max(prefill_s + decode_s, 1e-9),
                       "bytes_read": read, "bytes_read_per_token": read / max(prompt + new, 1),
-                      "read_s": self.reader.read_seconds - self._read_s0,  # the reader thread's time in reads
+                      "read_s": self.reader.read_seconds - start["read_s"],  # the reader thread's time in reads
                       "peak_rss": self.rss.peak, "peak_rss_process": self.rss.process_peak,
-                      "memory_budget": self.memory_plan.budget if self.memory_plan else None}
+                      "memory_budget": self.memory_plan.budget}
 
     def stream(self, prompt: str, max_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield text pieces as tokens are generated (whole UTF-8 characters only)."""
@@ -295,8 +269,7 @@ def describe(model: str | Path | None = None) -> dict:
     path = DEMO_MODEL if model is None else Path(model)
     with Container(path) as c:
         m = c.manifest
-    cfg = ModelConfig.from_dict(m["model"])
-    layout = build_layout(expert_shapes(cfg), m["quant"]["scheme"], m["quant"]["group"])
+        cfg, layout = read_model(c)
     dense_params = sum(int(np.prod(e["shape"])) for e in m["dense"].values())
     n_experts = len(cfg.moe_layers) * cfg.num_experts
     expert_params = n_experts * sum(o * n for _, (o, n) in layout.matrices)

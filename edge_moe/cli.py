@@ -24,7 +24,7 @@ def _run(args) -> None:
     model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
                  backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
                  gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits)
-    if model.memory_plan is not None:
+    if model.memory_plan.budget is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     print(args.prompt, end="", flush=True)
     knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}

@@ -44,3 +44,15 @@ def top_level_imports(path: Path) -> set[str]:
 def test_the_package_never_imports_tools_or_tests():
     bad = [p.name for p in PACKAGE.rglob("*.py") if top_level_imports(p) & {"tools", "tests"}]
     assert not bad, bad
+
+
+def test_the_runtime_reaches_kernels_only_through_the_backend_interface():
+    """runtime/, api and cli call a backend by name (kernels.get_backend) and its public ops: never a
+    backend's own modules (its storage forms, SIMD helpers and kernels stay private to it)."""
+    private = ("edge_moe.kernels.cpu", "edge_moe.kernels.cuda", "edge_moe.kernels.reference")
+    bad = []
+    for path in [*(PACKAGE / "runtime").rglob("*.py"), PACKAGE / "api.py", PACKAGE / "cli.py"]:
+        for target in imports(path):
+            if target.startswith(private):
+                bad.append(f"{path.relative_to(PACKAGE)} imports {target}")
+    assert not bad, bad

@@ -39,15 +39,12 @@ args = json.loads(sys.argv[1])
 m = edge_moe.load(args["model"], memory_budget=args["budget"], streaming=args["streaming"],
                   backend=args["backend"], max_context=args["context"], drop_page_cache=args["drop"])
 if args["preload"]:  # every level of every expert before timing (the budget must hold them)
-    from edge_moe.runtime.reader import Want
-    for layer in m.config.moe_layers:
-        m.reader.submit(layer, [Want(e, 8, 8, 1.0) for e in range(m.config.num_experts)])
-    m.reader.drain()
+    m.preload(8)
 rng = np.random.default_rng(0)
 prompt = rng.integers(0, m.config.vocab_size, size=args["prompt"]).tolist()
 list(m.generate_ids(prompt, max_tokens=args["warmup"], **args["knobs"]))  # fill the cache
 list(m.generate_ids(prompt[: args["prompt"] // 2], max_tokens=args["tokens"], **args["knobs"]))
-print(json.dumps({**m.stats, "plan": m.memory_plan.describe() if m.memory_plan else None}), flush=True)
+print(json.dumps({**m.stats, "plan": m.memory_plan.describe()}), flush=True)
 import os; os._exit(0)  # as the edge-moe script exits: no C++ destructors (a CUDA torch's add ~120 MB)
 """
 
@@ -162,7 +159,7 @@ def perplexity(model, ids, window: int, **knobs) -> tuple[float, float]:
         logits = torch.from_numpy(np.asarray(model.logits(w[:-1], wait=True, **knobs)))
         total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
         count += len(w) - 1
-        bits.append(model.pipeline.stats.as_dict()["mean_bits"])
+        bits.append(model.stats["mean_bits"])
     return math.exp(total / count), sum(bits) / len(bits)
 
 

@@ -150,15 +150,6 @@ def llama_bench(bench: Path, files: dict[str, Path], args) -> tuple[dict, dict]:
     return tg, pp
 
 
-def preload_all(m) -> None:
-    """Every level of every expert into the cache (no memory budget: it holds them all)."""
-    from edge_moe.runtime.reader import Want
-
-    for layer in m.config.moe_layers:
-        m.reader.submit(layer, [Want(e, 8, 8, 1.0) for e in range(m.config.num_experts)])
-    m.reader.drain()
-
-
 def time_bits(m, prompt: list[int], bits: int, args) -> dict:
     """Rates ((new_tokens - 1) / decode_s: token 1 comes from the prefill), expert ms per decode
     token, and bytes read from the file while timed (0 when every weight is resident)."""
@@ -183,14 +174,14 @@ def time_bits(m, prompt: list[int], bits: int, args) -> dict:
 
 def edge_moe_bench(path: Path, args) -> tuple[dict[tuple[int, int], dict], str]:
     """{(expert bits, dense bits): timings and the resident dense bytes}, one load per row (the form
-    resident experts are held in depends on the widths they ran at: api._rewrite)."""
+    resident experts are held in depends on the widths they ran at)."""
     import edge_moe
 
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
     out, backend = {}, ""
     for bits, dense in configs:
         with edge_moe.load(path, backend="cpu", dense_bits=dense) as m:
-            preload_all(m)
+            m.preload(8)  # no memory budget: the cache holds every level
             m.eos_ids = set()  # always decode --tokens tokens
             prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, size=max(args.depth, 1)).tolist()
             backend = m.pipeline.backend.__name__

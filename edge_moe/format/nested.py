@@ -2,7 +2,14 @@
 
 A matrix W [O, N] is cut into groups of G inputs (the last group is zero-padded to G). It is stored
 as 8 bit-planes packed along N (bit j of byte i holds input 8*i + j) plus per-(row, group) fp16
-metadata. Reading the first b planes gives a b-bit weight, 2 <= b <= 8; level k holds b = k + 1.
+metadata. Reading the first b planes gives a b-bit weight, 2 <= b <= 8.
+
+Vocabulary, used the same way everywhere:
+- bits: an expert matrix's precision, BASE_BITS..MAX_BITS (2..8); b bits use planes 0..b-1.
+- chunk: plane c of every matrix of one expert with its metadata (format.layout); b bits = b chunks.
+- level: what the file checksums and reads as one step: level 1 is the 2-bit base (chunks 0-1), level
+  k > 1 adds chunk k, so b bits are levels 1..bits_to_level(b).
+- unit: one slot of the runtime's arena, holding one chunk (runtime.arena, runtime.expert_cache).
 
 Every scheme dequantizes as  w = sum_p coef[p] * bit_p + offset  per group, so that
 y[o] = sum_g ( sum_p coef[p,o,g] * dot(P_p[o,g,:], x_g) + offset[o,g] * sum(x_g) )  (DESIGN.md 1).
@@ -24,7 +31,6 @@ import numpy as np
 SCHEMES = ("msb", "mwq")
 BASE_BITS = 2
 MAX_BITS = 8
-NUM_LEVELS = MAX_BITS - BASE_BITS + 1  # 7 levels: 2..8 bits
 WORD_BITS = 64  # group sizes are whole 64-bit words so kernels can use popcount on words
 
 
@@ -46,12 +52,13 @@ class NestedMatrix:
 
 
 def bits_to_level(bits: int) -> int:
-    """Number of levels to read for a bit width (2 bits -> 1 level, 8 bits -> 7)."""
+    """The last level of a bit width (2 bits -> level 1, 8 bits -> 7): also the levels it takes."""
     return int(bits) - BASE_BITS + 1
 
 
-def level_to_bits(level: int) -> int:
-    return BASE_BITS + int(level) - 1
+def chunk_level(chunk: int) -> int:
+    """The level that holds a chunk (chunks 0 and 1 are both level 1)."""
+    return bits_to_level(max(int(chunk) + 1, BASE_BITS))
 
 
 def check_group(group: int) -> None:

@@ -12,10 +12,11 @@ from edge_moe.model.layers import KVCache, Rope, add_rms_norm, attention, embed,
 
 
 class Experts(Protocol):
-    """Computes sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for one MoE layer."""
+    """Computes sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for one MoE layer; `call` is what
+    the forward's caller passed (the request's knobs and counters), opaque to the decoder."""
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                 call) -> torch.Tensor: ...
 
 
 class Decoder:
@@ -35,12 +36,12 @@ class Decoder:
     def new_cache(self, max_tokens: int) -> KVCache:
         return KVCache(self.cfg, max_tokens, device=self.device)
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def ffn(self, layer: int, x: torch.Tensor, call) -> torch.Tensor:
         p, w, cfg = f"layers.{layer}", self.w, self.cfg
         if layer not in cfg.moe_layers:
             return swiglu(x, w[f"{p}.mlp_gate_up"], w[f"{p}.mlp_down"])
         weights, experts = route(x, w[f"{p}.router"], cfg)  # [T, K]
-        out = self.experts(layer, x, weights, experts)
+        out = self.experts(layer, x, weights, experts, call)
         if cfg.shared_expert_intermediate_size:
             shared = swiglu(x, w[f"{p}.shared_gate_up"], w[f"{p}.shared_down"])
             if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid gate per token
@@ -49,8 +50,9 @@ class Decoder:
         return out
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Run tokens ids [T] after the cache's tokens; logits [T, V] or of the last token [1, V]."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, call=None, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens ids [T] after the cache's tokens; logits [T, V] or of the last token [1, V]. `call`
+        goes to the experts of every MoE layer."""
         cfg, w = self.cfg, self.w
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
@@ -60,6 +62,6 @@ class Decoder:
         for i in range(cfg.num_layers):
             h, x = add_rms_norm(h, attention(x, w, cfg, i, cache, self.rope), w[f"layers.{i}.ffn_norm"], eps)
             after = w[f"layers.{i + 1}.attn_norm"] if i + 1 < cfg.num_layers else w["final_norm"]
-            h, x = add_rms_norm(h, self.ffn(i, x), after, eps)
+            h, x = add_rms_norm(h, self.ffn(i, x, call), after, eps)
         cache.length += len(ids)
         return linear(x if all_logits else x[-1:], self.lm_head)

@@ -6,10 +6,9 @@ import re
 
 from edge_moe.config import ModelConfig
 
-EXPERT_MATRICES = ("gate_up", "down")  # gate_up [2I, D] (gate rows, then up rows), down [D, I]
-
 
 def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """gate_up [2I, D] (gate rows, then up rows) and down [D, I]."""
     i, d = cfg.moe_intermediate_size, cfg.hidden_size
     return {"gate_up": (2 * i, d), "down": (d, i)}
 

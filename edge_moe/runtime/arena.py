@@ -1,6 +1,7 @@
 """Where cached expert chunks live: a host arena (numpy) or a GPU arena fed through pinned staging.
 
-Both hold `n` equal units and load chunks of one expert with a single disk read. The GPU arena
+Both hold `n` equal units and load chunks first..target-1 of one expert (its levels
+chunk_level(first)..bits_to_level(target)) with a single disk read. The GPU arena
 reads into pinned host buffers, then copies them on its own CUDA stream, so copies overlap the
 compute stream; a load returns once its copy has landed, so committed chunks are always valid.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from edge_moe.format.container import Container
-from edge_moe.format.nested import MAX_BITS
+from edge_moe.format.nested import MAX_BITS, bits_to_level, chunk_level
 
 
 class HostArena:
@@ -36,7 +37,8 @@ class HostArena:
     def load(self, container: Container, layer: int, expert: int, first: int, target: int,
              units: list[int], sizes, verify: bool) -> int:
         dests = [self.data[u, :sizes[first + i]] for i, u in enumerate(units)]
-        return container.read_levels(layer, expert, max(1, first), target - 1, dests, verify=verify)
+        levels = chunk_level(first), bits_to_level(target)
+        return container.read_levels(layer, expert, *levels, dests, verify=verify)
 
 
 class DeviceArena:
@@ -55,7 +57,8 @@ class DeviceArena:
     def load(self, container: Container, layer: int, expert: int, first: int, target: int,
              units: list[int], sizes, verify: bool) -> int:
         dests = [self._host[i, :sizes[first + i]] for i in range(len(units))]
-        got = container.read_levels(layer, expert, max(1, first), target - 1, dests, verify=verify)
+        levels = chunk_level(first), bits_to_level(target)
+        got = container.read_levels(layer, expert, *levels, dests, verify=verify)
         index = torch.tensor(units, dtype=torch.int64).to(self.device, non_blocking=True)
         with torch.cuda.stream(self.stream):
             self.data.index_copy_(0, index, self.staging[:len(units)].to(self.device, non_blocking=True))

@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_moe.errors import UsageError
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
-from edge_moe.kernels.bookkeeping import assign_bits
+from edge_moe.runtime.bookkeeping import assign_bits
 
 
 @dataclass(frozen=True)

@@ -3,163 +3,268 @@
 An expert holding b bits holds its first b chunks (a 2-bit base is chunks 0-1). When a unit is
 needed and none is free, the chunk whose loss costs least goes: the top chunk of the expert with
 the lowest hotness * 2^-chunk (each plane halves the error), so cold experts drop from 6 to 3 bits
-before any base goes; bases go last, coldest first. Pinned experts (in use by the running layer)
-are never evicted. Hotness is an exponential moving average of routing counts with a short memory
+before any base goes; bases go last, coldest first. Experts acquired by a running layer are pinned
+and never evicted. Hotness is an exponential moving average of routing counts with a short memory
 (DECAY 0.5 per forward): consecutive tokens reuse experts, so recency predicts the next routing
-better than a long average. tools/bench_budget.py's workload (OLMoE shapes, 4..5 bits, medians of
-3): at 1.5 GB 10.94 tok/s and 44.0 MB read per token against 8.13 and 74.9 MB with 0.9; equal at
-1.35 GB (5.76 vs 5.68); at 2 GB 13.11 vs 13.57 (17.4 vs 15.1 MB).
+better than a long average.
+
+The cache owns its lock. The compute thread acquires a layer's experts and releases them; the reader
+thread reserves units, commits the chunks it read into them and waits for releases when every unit
+is pinned. A backend's resident forms (kernels' faster layouts of resident experts) are opaque tags
+here: the backend's table says which form an expert should take, and its rewrite makes it so.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 from edge_moe.format.layout import ExpertLayout
-from edge_moe.format.nested import MAX_BITS
-from edge_moe.kernels import bookkeeping
-from edge_moe.kernels.cpu import NIBBLE_FORM, PLANE_FORM
+from edge_moe.format.nested import BASE_BITS, MAX_BITS
+from edge_moe.runtime import bookkeeping
 
-BASE_CHUNKS = 2
-NIBBLE_CHUNKS = 4  # the chunks `rewrite` turns into 4-bit codes
+FILE_FORM = 0  # an expert's chunks as the file stores them; every backend reads this form
 DECAY = 0.5  # hotness = DECAY * hotness + this forward's routing counts
 EVICTIONS = ("value", "lru")  # value: bit-granular (ours); lru: whole least-recently-used expert (baseline)
+_NO_FORMS = np.zeros((1, MAX_BITS + 1, MAX_BITS + 1), np.int8)  # every expert stays in FILE_FORM
+
+
+@dataclass
+class Lease:
+    """A layer's experts acquired for one forward: pinned until released."""
+
+    layer: int
+    experts: np.ndarray  # [n] distinct expert ids
+    units: np.ndarray  # [n, MAX_BITS] their units when acquired (refresh after reads)
+    forms: np.ndarray  # [n] int8 form tags
+    held: np.ndarray  # [n] chunks held when acquired
+    ready: bool  # every expert held the bits it wants: nothing to read
+    todo: int  # with ready: experts not in the form their width wants
+    pinned: np.ndarray  # [n] bool: not yet released
 
 
 class ExpertCache:
-    """(layer, expert) -> units of its resident chunks; all shared state guarded by `lock`.
-
-    rewrite(units, old, new), when given, turns an expert from one form the kernels read into another
-    (kernels.cpu.rewrite_form: planes, nibble form, and, where lut, the 2-bit LUT form); `form` holds each
-    expert's. It is meant for a cache that holds every chunk (nothing is evicted); an expert's chunks
-    0..3 in nibble form are below its floor, so an eviction takes them together."""
+    """(layer, expert) -> units of its resident chunks; all state private and guarded by one lock."""
 
     def __init__(self, layout: ExpertLayout, arena, layers: list[int], num_experts: int,
-                 decay: float = DECAY, eviction: str = "value", rewrite=None, lut: bool = False):
+                 decay: float = DECAY, eviction: str = "value", forms=None):
+        """forms: the backend's ResidentForms (table, together, want, rewrite), or None to keep every
+        expert in FILE_FORM. Meant for a cache that holds every chunk."""
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction {eviction!r}: choose one of {EVICTIONS}")
-        self.layout, self.decay, self.eviction = layout, decay, eviction
+        self.layout, self.decay, self.eviction, self.forms = layout, decay, eviction, forms
         self.arena = arena  # HostArena or DeviceArena: the units themselves
-        n_units = len(arena)
         self.layers = list(layers)
-        self.row = {layer: i for i, layer in enumerate(layers)}
+        self._row = {layer: i for i, layer in enumerate(layers)}
         shape = (len(layers), num_experts)
-        self.units = np.full((*shape, MAX_BITS), -1, dtype=np.int64)
-        self.held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
-        self.rewrite, self.lut = rewrite, lut and rewrite is not None
-        self.form = np.zeros(shape, dtype=np.int8)  # PLANE_FORM, or as rewritten
-        self.hot = np.zeros(shape, dtype=np.float64)
-        self.pins = np.zeros(shape, dtype=np.int64)
-        # chunks an expert is useless without (the request's min_bits; 4 in nibble form): evicted
-        # together, last
-        self.floor = BASE_CHUNKS
-        self.last_used = np.zeros(shape, dtype=np.int64)  # routing step, for the LRU baseline
+        self._units = np.full((*shape, MAX_BITS), -1, dtype=np.int64)
+        self._held = np.zeros(shape, dtype=np.int64)  # chunks resident (0 or 2..8)
+        self._form = np.zeros(shape, dtype=np.int8)
+        self._table = forms.table if forms is not None else _NO_FORMS
+        self._together = forms.together if forms is not None else np.zeros(1, np.int64)
+        self._hot = np.zeros(shape, dtype=np.float64)
+        self._pins = np.zeros(shape, dtype=np.int64)
+        self._last_used = np.zeros(shape, dtype=np.int64)  # routing step, for the LRU baseline
         self._step = 0
-        self.free = list(range(n_units - 1, -1, -1))
-        self.lock = threading.Condition()
-        self.evictions = np.zeros(MAX_BITS, dtype=np.int64)  # per chunk index
+        self._free = list(range(len(arena) - 1, -1, -1))
+        self._lock = threading.Condition()
+        self._releases = 0  # pins that reached zero: a reader short of room waits for this to move
+        self._evictions = np.zeros(MAX_BITS, dtype=np.int64)  # per chunk index
+
+    # -- what anyone may read (copies or scalars) -------------------------------------------------
 
     @property
     def n_units(self) -> int:
         return len(self.arena)
 
-    def record_routing(self, layer: int, counts: np.ndarray) -> None:
-        """Fold one forward's per-expert token counts [E] into the layer's hotness."""
-        r = self.row[layer]
-        with self.lock:
-            self._step += 1
-            bookkeeping.fold_routing(self.hot[r], self.last_used[r], np.asarray(counts, np.int64), self._step,
-                                     self.decay)
+    @property
+    def held(self) -> np.ndarray:
+        """Chunks held [layers, experts] (a copy)."""
+        with self._lock:
+            return self._held.copy()
 
-    def claim_resident(self, layer: int, experts: np.ndarray, bits: np.ndarray, nibble_bits: tuple[int, int]):
-        """Pin one token's distinct experts [K] of a layer and record its routing, if every one holds the
-        bits it wants [K]: (their units [K, 8], forms [K], how many are not in the form they want:
-        bookkeeping.wanted_form), or None with nothing changed."""
-        units, form = np.empty((len(experts), MAX_BITS), np.int64), np.empty(len(experts), np.int8)
-        lo, hi = nibble_bits if self.rewrite is not None else (1, 0)
-        r = self.row[layer]
-        with self.lock:
-            todo = bookkeeping.claim(self.held[r], self.pins[r], self.hot[r], self.last_used[r],
-                                     self._step + 1, self.decay, self.form[r], self.units[r], experts, bits,
-                                     lo, hi, self.lut, units, form)
-            if todo < 0:
-                return None
-            self._step += 1
-        return units, form, todo
+    @property
+    def form(self) -> np.ndarray:
+        """Form tags [layers, experts] (a copy)."""
+        with self._lock:
+            return self._form.copy()
 
-    def value(self, row: int, expert: int, chunk: int, extra: float = 0.0) -> float:
+    @property
+    def evictions(self) -> np.ndarray:
+        """Chunks evicted, by chunk index (a copy)."""
+        with self._lock:
+            return self._evictions.copy()
+
+    def held_now(self, layer: int, expert: int) -> int:
+        return int(self._held[self._row[layer], expert])  # one int read: no lock needed
+
+    def layer_holds(self, layer: int, bits: int) -> bool:
+        """Every expert of the layer holds at least `bits` chunks."""
+        return bool((self._held[self._row[layer]] >= bits).all())
+
+    def resident_bytes(self) -> int:
+        return int(self._held.sum()) * self.layout.unit_bytes
+
+    # -- the compute thread -----------------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: np.ndarray, counts: np.ndarray, bits: np.ndarray) -> Lease:
+        """Pin a layer's distinct experts [n] wanting `bits` [n] chunks, fold their token counts [n]
+        into its hotness, and say whether all hold what they want (then the kernel can run at once)."""
+        n, r = len(experts), self._row[layer]
+        units, forms, held = np.empty((n, MAX_BITS), np.int64), np.empty(n, np.int8), np.empty(n, np.int64)
+        with self._lock:
+            self._step += 1
+            got = bookkeeping.acquire_row(self._held[r], self._pins[r], self._hot[r], self._last_used[r],
+                                          self._step, self.decay, self._form[r], self._units[r], self._table,
+                                          experts, counts, bits, units, forms, held)
+        return Lease(layer, experts, units, forms, held, got < 0, -got - 1 if got < 0 else 0,
+                     np.ones(n, bool))
+
+    def refresh(self, lease: Lease, k: int) -> int:
+        """Re-read the k-th leased expert's units and form after reads landed; returns chunks held."""
+        r, e = self._row[lease.layer], int(lease.experts[k])
+        with self._lock:
+            lease.units[k] = self._units[r, e]
+            lease.forms[k] = self._form[r, e]
+            lease.held[k] = self._held[r, e]
+            return int(lease.held[k])
+
+    def release(self, lease: Lease, which=None, drop: bool = False) -> None:
+        """Unpin the leased experts `which` (indices; default all still pinned); drop frees their chunks
+        once unpinned (the keep-nothing baseline)."""
+        idx = np.flatnonzero(lease.pinned) if which is None else np.asarray(which, np.int64)
+        idx = idx[lease.pinned[idx]]
+        if not len(idx):
+            return
+        lease.pinned[idx] = False
+        r, experts = self._row[lease.layer], lease.experts[idx]
+        with self._lock:
+            freed = bookkeeping.unpin(self._pins[r], experts)
+            if drop:
+                for e in experts.tolist():
+                    if self._pins[r, e] == 0:
+                        self._drop(r, e)
+            if freed:
+                self._releases += 1
+                self._lock.notify_all()
+
+    def prepare_form(self, lease: Lease, k: int, widths) -> None:
+        """Put the k-th leased (pinned) expert into the one form that serves every width it runs at in
+        this call. Only the pinning thread reads it meanwhile; the reader writes only uncommitted chunks."""
+        if self.forms is None:
+            return
+        old, held = int(lease.forms[k]), int(lease.held[k])
+        new = self.forms.want(old, held, widths)
+        if new != old:
+            self.forms.rewrite(lease.units[k], old, new)
+            with self._lock:
+                self._form[self._row[lease.layer], lease.experts[k]] = new
+            lease.forms[k] = new
+
+    def prepare_forms(self, lease: Lease, bits: np.ndarray) -> None:
+        """prepare_form for every leased expert at its one width (a ready lease with todo > 0)."""
+        for k in range(len(lease.experts)):
+            self.prepare_form(lease, k, [int(bits[k])])
+
+    # -- the reader thread ------------------------------------------------------------------------
+
+    def snapshot(self, layer: int) -> tuple[np.ndarray, int, int]:
+        """(chunks held by each expert of the layer, free units, evictions so far)."""
+        with self._lock:
+            return self._held[self._row[layer]].copy(), len(self._free), int(self._evictions.sum())
+
+    @property
+    def releases(self) -> int:
+        return self._releases
+
+    def wait_release(self, since: int, timeout: float) -> None:
+        """Block until an expert is released after `releases` read `since` (or timeout)."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._releases != since, timeout)
+
+    def value(self, layer: int, expert: int, chunk: int, extra: float = 0.0) -> float:
         """What holding `chunk` of an expert is worth: hotness x 2^-chunk; a base is worth 4x hotness.
         `extra` adds expected routings (a prefetched expert is about to be used once)."""
-        hot = self.hot[row, expert] + extra + 1e-3
-        return hot * (4.0 if chunk < BASE_CHUNKS else 2.0 ** -chunk)
+        hot = self._hot[self._row[layer], expert] + extra + 1e-3
+        return hot * (4.0 if chunk < BASE_BITS else 2.0 ** -chunk)
 
-    def _victim(self, keep: tuple[int, int]) -> tuple[int, int, int, float] | None:
+    def reserve(self, layer: int, expert: int, target: int, worth: float,
+                floor: int = BASE_BITS) -> tuple[int, list[int]] | None:
+        """(first chunk, units) to read the expert's chunks up to `target` into, evicting chunks worth
+        less than `worth` (inf: anything unpinned; 0: nothing) and never an expert's chunks below
+        `floor` one by one; None if it holds them already or there is no room."""
+        r = self._row[layer]
+        with self._lock:
+            held = int(self._held[r, expert])
+            if held >= target:
+                return None
+            units = self._take_units(target - held, (r, expert), worth, floor)
+            return None if units is None else (held, units)
+
+    def commit(self, layer: int, expert: int, first: int, units: list[int]) -> None:
+        """Record chunks first.. as resident in `units` (read by the reader since reserve)."""
+        r = self._row[layer]
+        with self._lock:
+            assert self._held[r, expert] == first, (layer, expert, first)
+            self._units[r, expert, first:first + len(units)] = units
+            self._held[r, expert] = first + len(units)
+
+    def record_routing(self, layer: int, counts: np.ndarray) -> None:
+        """Fold one forward's per-expert token counts [E] into the layer's hotness (no pins)."""
+        r = self._row[layer]
+        with self._lock:
+            self._step += 1
+            bookkeeping.fold_routing(self._hot[r], self._last_used[r], np.asarray(counts, np.int64), self._step,
+                                     self.decay)
+
+    # -- eviction (lock held) ---------------------------------------------------------------------
+
+    def _victim(self, keep: tuple[int, int], floor: int) -> tuple[int, int, int, float] | None:
         """(row, expert, n_chunks_to_free, value) of the cheapest resident chunk; None if all pinned."""
-        movable = (self.pins == 0) & (self.held > 0)
+        movable = (self._pins == 0) & (self._held > 0)
         movable[keep] = False
         if self.eviction == "lru":
             if not movable.any():
                 return None
-            r, e = np.unravel_index(np.argmin(np.where(movable, self.last_used, np.iinfo(np.int64).max)),
+            r, e = np.unravel_index(np.argmin(np.where(movable, self._last_used, np.iinfo(np.int64).max)),
                                     movable.shape)
-            return int(r), int(e), int(self.held[r, e]), 0.0
-        upper = movable & (self.held > np.maximum(self.floor, NIBBLE_CHUNKS * (self.form == NIBBLE_FORM)))
+            return int(r), int(e), int(self._held[r, e]), 0.0
+        upper = movable & (self._held > np.maximum(floor, self._together[self._form]))
         if upper.any():
-            value = np.where(upper, (self.hot + 1e-3) * np.exp2(-(self.held - 1.0)), np.inf)
+            value = np.where(upper, (self._hot + 1e-3) * np.exp2(-(self._held - 1.0)), np.inf)
             r, e = np.unravel_index(np.argmin(value), value.shape)
             return int(r), int(e), 1, float(value[r, e])
         if movable.any():
-            r, e = np.unravel_index(np.argmin(np.where(movable, self.hot, np.inf)), self.hot.shape)
-            return int(r), int(e), int(self.held[r, e]), self.value(r, e, 0)
+            r, e = np.unravel_index(np.argmin(np.where(movable, self._hot, np.inf)), self._hot.shape)
+            return int(r), int(e), int(self._held[r, e]), self.value(self.layers[r], e, 0)
         return None
 
-    def take_units(self, n: int, keep: tuple[int, int], worth: float = np.inf) -> list[int] | None:
+    def _take_units(self, n: int, keep: tuple[int, int], worth: float, floor: int) -> list[int] | None:
         """n free units, evicting as needed: never from `keep` or pinned experts, and only chunks worth
-        less than `worth` (what the caller will load; a must-read passes inf). Caller holds lock."""
-        if len(self.free) < n and worth <= 0.0:
-            return None  # it may evict nothing: skip the search (the reader holds the lock for it)
-        while len(self.free) < n:
-            victim = self._victim(keep)
+        less than `worth`."""
+        if len(self._free) < n and worth <= 0.0:
+            return None  # it may evict nothing: skip the search
+        while len(self._free) < n:
+            victim = self._victim(keep, floor)
             if victim is None or victim[3] >= worth:
                 return None
             r, e, count, _ = victim
-            top = int(self.held[r, e])
+            top = int(self._held[r, e])
             for c in range(top - count, top):
-                self.free.append(int(self.units[r, e, c]))
-                self.units[r, e, c] = -1
-                self.evictions[c] += 1
-            self.held[r, e] = top - count
+                self._free.append(int(self._units[r, e, c]))
+                self._units[r, e, c] = -1
+                self._evictions[c] += 1
+            self._held[r, e] = top - count
             if top <= count:
-                self.form[r, e] = PLANE_FORM
-        return [self.free.pop() for _ in range(n)]
+                self._form[r, e] = FILE_FORM
+        return [self._free.pop() for _ in range(n)]
 
-    def drop(self, row: int, expert: int) -> None:
-        """Free every chunk of an expert (the no-cache baseline); caller holds lock."""
-        held = int(self.held[row, expert])
-        self.free.extend(int(u) for u in self.units[row, expert, :held])
-        self.units[row, expert, :] = -1
-        self.held[row, expert] = 0
-        self.form[row, expert] = PLANE_FORM
-
-    def commit(self, row: int, expert: int, first_chunk: int, units: list[int]) -> None:
-        """Record chunks first_chunk.. as resident in `units`; caller holds lock."""
-        assert self.held[row, expert] == first_chunk, (row, expert, first_chunk)
-        self.units[row, expert, first_chunk:first_chunk + len(units)] = units
-        self.held[row, expert] = first_chunk + len(units)
-
-    def rewrite_pinned(self, row: int, expert: int, held: int, form: int) -> None:
-        """Rewrite an expert into `form` (planes instead of the nibble form while it holds fewer than its
-        chunks 0..3); the caller pinned it, so only the caller reads it meanwhile (the reader only writes
-        chunks it has not committed)."""
-        old = int(self.form[row, expert])
-        if form == NIBBLE_FORM and held < NIBBLE_CHUNKS:
-            form = PLANE_FORM
-        if self.rewrite is not None and form != old and old != NIBBLE_FORM:
-            self.rewrite(self.units[row, expert], old, form)
-            with self.lock:
-                self.form[row, expert] = form
-
-    def resident_bytes(self) -> int:
-        return int(self.held.sum()) * self.layout.unit_bytes
+    def _drop(self, r: int, expert: int) -> None:
+        """Free every chunk of an expert."""
+        held = int(self._held[r, expert])
+        self._free.extend(int(u) for u in self._units[r, expert, :held])
+        self._units[r, expert, :] = -1
+        self._held[r, expert] = 0
+        self._form[r, expert] = FILE_FORM

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
 from edge_moe.config import ModelConfig, format_size
 from edge_moe.errors import BudgetError
+from edge_moe.format.nested import MAX_BITS
 
 MIN_MARGIN = 96 * 2**20  # allocator slack, numba/torch workspaces, tokenizer, manifest
 GPU_MIN_MARGIN = 32 * 2**20  # caching-allocator rounding and cuBLAS workspaces
@@ -22,9 +23,11 @@ def current_rss() -> int:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Where the budget goes; `cache_units` expert chunks of `unit_bytes` fit in what is left."""
+    """Where the budget goes, and every decision it implies: `cache_units` expert chunks of `unit_bytes`
+    fit in what is left; whether the whole model is read in the background (`fill`); whether the backend
+    may keep resident experts in its faster forms (`resident_forms`: only when every chunk stays)."""
 
-    budget: int
+    budget: int | None  # None: no cap (the cache holds every chunk)
     baseline: int  # RSS before loading the model: interpreter, torch, numba, edge_moe
     dense: int
     kv_cache: int
@@ -33,18 +36,33 @@ class MemoryPlan:
     unit_bytes: int
     cache_units: int
     min_units: int  # one MoE layer's active experts at the lowest width
+    every_unit: int  # every chunk of every expert
+    fill: bool = False
+    resident_forms: bool = False
 
     @property
     def cache_bytes(self) -> int:
         return self.cache_units * self.unit_bytes
+
+    @property
+    def holds_everything(self) -> bool:
+        return self.cache_units >= self.every_unit
+
+    def decide(self, speculative: bool, keep: bool, forms: bool) -> MemoryPlan:
+        """The plan with its policy decisions: a background fill where speculative reads are on and a
+        budget holds every chunk; resident forms where experts are kept and every chunk fits."""
+        return replace(self, fill=speculative and self.budget is not None and self.holds_everything,
+                       resident_forms=forms and keep and self.holds_everything)
 
     def describe(self) -> str:
         parts = [("process baseline", self.baseline), ("dense weights", self.dense),
                  ("KV cache", self.kv_cache), ("activations", self.activations),
                  ("margin", self.margin), ("expert cache", self.cache_bytes)]
         body = ", ".join(f"{name} {format_size(n)}" for name, n in parts)
-        return (f"memory plan for budget {format_size(self.budget)}: {body} "
-                f"({self.cache_units} chunks of {format_size(self.unit_bytes)})")
+        budget = f"budget {format_size(self.budget)}" if self.budget is not None else "no budget"
+        every = ", every level" if self.holds_everything else ""
+        units = f"{self.cache_units} chunks of {format_size(self.unit_bytes)}{every}"
+        return f"memory plan for {budget}: {body} ({units})"
 
 
 def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> int:
@@ -56,18 +74,20 @@ def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> i
     return 4 * (hidden + attention + moe + 2 * cfg.vocab_size)
 
 
-def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
+def plan_memory(budget: int | None, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
                 prefill_chunk: int, max_tokens: int, baseline: int | None = None,
                 what: str = "--memory-budget", min_margin: int = MIN_MARGIN) -> MemoryPlan:
-    """Split the budget; raise BudgetError with the numbers when one layer's experts cannot fit."""
+    """Split the budget (None: no cap, every chunk cached); raise BudgetError with the numbers when one
+    layer's experts cannot fit. The cache never gets more units than the model has chunks."""
     baseline = current_rss() if baseline is None else baseline
     acts = activation_bytes(cfg, prefill_chunk, max_tokens)
-    margin = max(min_margin, int(MARGIN_FRACTION * budget))
+    every = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
     min_units = 2 * cfg.top_k  # each active expert's 2-bit base is 2 chunks
+    if budget is None:
+        return MemoryPlan(None, baseline, dense_bytes, kv_bytes, acts, 0, unit_bytes, every, min_units, every)
+    margin = max(min_margin, int(MARGIN_FRACTION * budget))
     fixed = baseline + dense_bytes + kv_bytes + acts + margin
     units = (budget - fixed) // unit_bytes
-    plan = MemoryPlan(budget, baseline, dense_bytes, kv_bytes, acts, margin, unit_bytes,
-                      max(units, 0), min_units)
     if units < min_units:
         need = fixed + min_units * unit_bytes
         raise BudgetError(
@@ -76,7 +96,8 @@ def plan_memory(budget: int, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, 
             f"{format_size(kv_bytes)} + activations {format_size(acts)} + margin {format_size(margin)} "
             f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
             f"raise {what} (or lower --max-context)")
-    return plan
+    return MemoryPlan(budget, baseline, dense_bytes, kv_bytes, acts, margin, unit_bytes, min(units, every),
+                      min_units, every)
 
 
 def trim_heap() -> None:

@@ -1,11 +1,13 @@
-"""The MoE layer pipeline: route -> bits -> HEBF reads -> compute experts in batches as their levels land.
+"""The MoE layer pipeline: route -> bits -> acquire -> (HEBF reads) -> compute experts as their levels land.
 
-The compute thread pins the layer's experts and hands the reader their wanted levels (hottest
-expert first). Then, until every expert is done, it takes all experts that already hold what they
-need (or, when none does, waits for the hottest one) and computes them in one kernel call, so a
-fully resident layer is one call and a streamed one overlaps its reads. Last it asks the reader to
-prefetch the next MoE layer's likely experts by applying that layer's router to this layer's input
-(its best available guess of the next hidden state).
+Per layer the gate's choice and each pair's width are computed once, and the layer's experts are
+acquired from the cache. When every one holds the bits it wants (a resident model's decode step),
+the whole layer is one kernel call. Otherwise the reader is handed the missing levels (hottest
+expert first), and until every expert is done the compute takes all experts that already hold what
+they need (or, when none does, waits for the hottest one) and computes them in one kernel call, so
+that a streamed layer overlaps its reads. Last it asks the reader to prefetch the next MoE layer's
+likely experts by applying that layer's router to this layer's input (its best available guess of
+the next hidden state).
 """
 
 from __future__ import annotations
@@ -13,23 +15,19 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from edge_moe.format.nested import BASE_BITS
-from edge_moe.kernels.bookkeeping import unpin, wanted_form
 from edge_moe.model.layers import route
 from edge_moe.runtime.bit_policy import BitRequest
-from edge_moe.runtime.expert_cache import ExpertCache
+from edge_moe.runtime.expert_cache import ExpertCache, Lease
 from edge_moe.runtime.reader import Reader, Want
 from edge_moe.runtime.stats import RunStats
 
-NIBBLE_BITS = (3, 4)  # widths at which an expert is worth rewriting (ExpertCache.rewrite): the nibble
-# form reads 4 bits, so at 2 bits the planes read half as much; above 4 it adds planes 4.. (slower
-# than the planes' own 8-plane transpose: decode with 8-bit experts 33 -> 37.5 ms/token on a Zen 3
-# when experts of every width were rewritten)
 PREFETCH_MAX_TOKENS = 4  # prefetch during decode; a prefill chunk routes too widely to guess
 PREFETCH_MIN_CORES = 4  # below this, the default streaming does not prefetch (default_streaming)
 
@@ -45,65 +43,71 @@ STREAMING = {  # name -> (eviction, prefetch, keep experts after use)
 
 def default_streaming(cores: int | None = None) -> str:
     """HEBF with speculative reads, or without them on fewer than PREFETCH_MIN_CORES cores: there the
-    reader and the extra routing take cycles from the kernels' threads. tools/bench_budget.py on 2
-    cores: "hebf-no-prefetch" 12-33% faster at 1.2-2 GB; at 12 GB the background fill halved decode
-    speed for the ~50 s it took (not measured on more cores)."""
+    reader and the extra routing take cycles from the kernels' threads (tools/bench_budget.py)."""
     return "hebf" if (cores or os.cpu_count() or 1) >= PREFETCH_MIN_CORES else "hebf-no-prefetch"
 
 
-class Routed(NamedTuple):
-    """One routed expert of a layer: its Want and its (token, expert) pairs."""
+@dataclass
+class Call:
+    """What one forward carries through the layers: the request's knobs and the counters it fills."""
 
-    want: Want
-    tokens: np.ndarray  # [n] token rows
-    weights: np.ndarray  # [n] gate weights
-    bits: np.ndarray  # [n] each pair's bits
+    request: BitRequest = field(default_factory=BitRequest)
+    stats: RunStats = field(default_factory=RunStats)
+
+    @property
+    def floor(self) -> int:
+        """Chunks below which an expert is useless to this request (evicted together)."""
+        return max(BASE_BITS, self.request.min_bits)
 
 
-def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray, min_bits: int) -> list[Routed]:
-    """Routed experts, hottest first (heat: tokens routed, ties broken by gate mass)."""
+class Routing(NamedTuple):
+    """A layer's (token, expert) pairs grouped by expert: experts [n] and their pairs as CSR."""
+
+    experts: np.ndarray  # [n] distinct expert ids
+    want: np.ndarray  # [n] widest bits among the expert's pairs
+    heat: np.ndarray  # [n] tokens routed to it (ties: gate mass)
+    ptr: np.ndarray  # [n + 1] its pairs are ptr[k]:ptr[k + 1]
+    tokens: np.ndarray  # [P] token rows
+    weights: np.ndarray  # [P] float32 gate weights
+    bits: np.ndarray  # [P] each pair's bits
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    def hottest_first(self) -> np.ndarray:
+        """Indices of the experts by heat, ties by expert id: the order of reads and waits."""
+        return np.lexsort((self.experts, -self.heat))
+
+
+def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray) -> Routing:
+    """Routing of gate choices experts [T, K] with weights and bits [T, K]: one token keeps the gate's
+    order (one pair per expert), several are grouped hottest first."""
     if experts.shape[0] == 1:
-        return _one_token(experts[0], weights[0], bits[0], min_bits)
-    return _many_tokens(experts, weights, bits, min_bits)
-
-
-def _many_tokens(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray, min_bits: int) -> list[Routed]:
+        ptr, tokens = _one_token_csr(experts.shape[1])
+        w = weights[0].astype(np.float32)
+        return Routing(experts[0], bits[0], 1.0 + w / 2, ptr, tokens, w, bits[0])
     flat = experts.ravel()
     order = np.argsort(flat, kind="stable")
     ids, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
-    tokens, w, b = order // experts.shape[1], weights.ravel()[order], bits.ravel()[order]
-    routed = []
-    for e, s, n in zip(ids.tolist(), starts.tolist(), counts.tolist(), strict=True):
-        pair = slice(s, s + n)
-        want = int(b[pair].max())
-        heat = n + float(w[pair].sum()) / (n + 1)
-        routed.append(Routed(Want(e, max(min(min_bits, want), BASE_BITS), want, heat), tokens[pair], w[pair],
-                             b[pair]))
-    return sorted(routed, key=lambda r: -r.want.heat)
+    tokens, w, b = order // experts.shape[1], weights.ravel()[order].astype(np.float32), bits.ravel()[order]
+    heat = counts + np.add.reduceat(w, starts).astype(np.float64) / (counts + 1)
+    want = np.maximum.reduceat(b, starts)
+    rank = np.argsort(-heat, kind="stable")  # pairs regrouped so that the hottest expert comes first
+    pairs = np.concatenate([np.arange(starts[k], starts[k] + counts[k]) for k in rank])
+    ptr = np.concatenate([[0], np.cumsum(counts[rank])])
+    return Routing(ids[rank], want[rank], heat[rank], ptr, tokens[pairs], w[pairs], b[pairs])
 
 
-def _one_token(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray, min_bits: int) -> list[Routed]:
-    """group_by_expert of one token (decode), without its sorts and slices: 10x less time, which was
-    a tenth of a decode step's non-kernel time on 2 cores."""
-    token = np.zeros(1, np.int64)
-    pairs = enumerate(zip(experts.tolist(), weights.tolist(), bits.tolist(), strict=True))
-    routed = [Routed(Want(e, max(min(min_bits, b), BASE_BITS), b, 1.0 + w / 2), token, weights[k:k + 1],
-                     bits[k:k + 1]) for k, (e, w, b) in pairs]
-    return sorted(sorted(routed, key=lambda r: r.want.expert), key=lambda r: -r.want.heat)
+@functools.cache
+def _one_token_csr(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ptr, tokens) of k experts on token 0, one pair each."""
+    return np.arange(k + 1), np.zeros(k, np.int64)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
     """A tensor's values as numpy, without a copy on the cpu."""
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
-
-
-def _by_width(r: Routed, held: int):
-    """(bits, pairs) of a routed expert's pairs grouped by the width they run at: each pair's bits
-    capped by the levels held."""
-    used = np.minimum(r.bits, held)
-    if len(used) == 1:
-        return [(int(used[0]), slice(None))]
-    return [(b, used == b) for b in np.unique(used).tolist()]
 
 
 class MoePipeline:
@@ -115,146 +119,125 @@ class MoePipeline:
         self.prefetch, self.keep = prefetch, keep
         self.routers = routers
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:], strict=False))
-        self.request = BitRequest()
-        self.stats = RunStats()
 
-    def _route(self, weights: torch.Tensor, experts: torch.Tensor) -> tuple[list[Routed], np.ndarray]:
-        experts, weights = experts.cpu().numpy(), weights.float().cpu().numpy()  # bookkeeping on the host
-        return group_by_expert(experts, weights, self.request.assign(weights), self.request.min_bits), experts
+    def route(self, weights: torch.Tensor, experts: torch.Tensor, request: BitRequest) -> Routing:
+        w = _host(weights.float())  # bookkeeping on the host
+        return group_by_expert(_host(experts), w, request.assign(w))
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            out = self._resident_token(layer, x, weights, experts)
-            if out is not None:
-                return out
-        cache, row = self.cache, self.cache.row[layer]
-        routed, experts = self._route(weights, experts)
-        with cache.lock:
-            resident = {r.want.expert: int(cache.held[row, r.want.expert]) for r in routed}
-            cache.pins[row, list(resident)] += 1
-        cache.record_routing(layer, np.bincount(experts.ravel(), minlength=self.cfg.num_experts))
-        self.reader.submit(layer, [r.want for r in routed], wait_upper=self.request.wait)
-        out, pending, pinned = None, routed, set(resident)
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                 call: Call | None = None) -> torch.Tensor:
+        call = call or Call()
+        routing = self.route(weights, experts, call.request)
+        lease = self.cache.acquire(layer, routing.experts, routing.counts, routing.want)
         try:
-            while pending:
-                ready, pending = self._take_ready(layer, pending)
-                y = self._compute(row, ready, x, resident)
-                out = y if out is None else out.add_(y)
-                done = [r.want.expert for r, _ in ready]
-                pinned.difference_update(done)
-                self._unpin(row, done)
+            if lease.ready:  # every expert holds the bits it wants: one kernel call, nothing to read
+                if lease.todo:
+                    self._prepare_forms(lease, routing, range(len(lease.experts)))
+                y = self._compute(lease, routing, None, x, call, lease.held)
+            else:
+                y = self._stream(lease, routing, x, call)
         finally:
-            self._unpin(row, list(pinned))  # only after an error
-        self._prefetch(layer, x)
+            self.cache.release(lease, drop=not self.keep)
+        self._prefetch(layer, x, call)
+        return y
+
+    def _stream(self, lease: Lease, routing: Routing, x: torch.Tensor, call: Call) -> torch.Tensor:
+        """Hand the reader what is missing, then compute experts in batches as their levels land."""
+        req, resident = call.request, lease.held.copy()
+        must = np.maximum(np.minimum(req.min_bits, routing.want), BASE_BITS)
+        pending = routing.hottest_first().tolist()
+        self.reader.submit(lease.layer, [Want(int(routing.experts[k]), int(must[k]), int(routing.want[k]),
+                                              float(routing.heat[k])) for k in pending],
+                           wait_upper=req.wait, floor=call.floor)
+        target = routing.want if req.wait else must
+        out = None
+        while pending:
+            ready, pending = self._take_ready(lease, pending, must, target, call)
+            for k in ready:
+                self.cache.refresh(lease, k)
+            self._prepare_forms(lease, routing, ready)
+            y = self._compute(lease, routing, np.array(ready), x, call, resident)
+            out = y if out is None else out.add_(y)
+            self.cache.release(lease, ready, drop=not self.keep)
         return out
 
-    def _resident_token(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                        experts: torch.Tensor) -> torch.Tensor | None:
-        """One token whose experts all hold the bits it wants (a decode step on a resident model): the
-        same single kernel call with the bookkeeping in two numba calls (claim, unpin), as nothing is read
-        or waited for (the general path's per-expert lists took about 0.8 ms per layer on 2 cores, and
-        the same steps in numpy ~0.23 ms: 2.5 us per op). None when an expert lacks levels."""
-        cache = self.cache
-        e, w = _host(experts)[0], _host(weights.float())[0]  # top-k: distinct experts
-        bits = self.request.assign(w[None])[0]
-        claimed = cache.claim_resident(layer, e, bits, (NIBBLE_BITS[0], NIBBLE_BITS[-1]))
-        if claimed is None:
-            return None
-        units, forms, todo = claimed
-        row = cache.row[layer]
-        try:
-            if todo:  # experts not yet in the form their bits want (3-4: nibble form, 2: LUT form)
-                for k in range(len(e)):
-                    self._rewrite_for(row, int(e[k]), int(cache.held[row, e[k]]), [int(bits[k])])
-                forms = cache.form[row, e]
-            form = {"form": forms} if cache.rewrite is not None else {}
-            t0 = time.perf_counter()
-            ptr, tokens = self._one_token_csr(len(e))
-            y = self.backend.moe_ffn_units(cache.layout, cache.arena.data, units, bits, x, ptr, tokens, w,
-                                           **form)
-            self.stats.expert_compute_s += time.perf_counter() - t0
-        finally:
-            with cache.lock:  # waking the reader costs a thread switch: only when it waits for units
-                quiet = self.keep and not self.reader.blocked
-                if quiet:
-                    unpin(cache.pins[row], e)
-            if not quiet:
-                self._unpin(row, e.tolist())
-        self.stats.record_resident(bits)
-        self._prefetch(layer, x)
-        return y
-
-    def _rewrite_for(self, row: int, expert: int, held: int, widths: list[int]) -> None:
-        """Put a pinned expert into one form that serves every width it runs at in this call: the nibble
-        form if one is 3-4 bits, the LUT form only if all are 2, planes instead of the LUT form else."""
-        if self.cache.rewrite is None:
-            return
-        widest = NIBBLE_BITS[-1] if any(b in NIBBLE_BITS for b in widths) else max(widths)
-        want = wanted_form(widest, int(self.cache.form[row, expert]), NIBBLE_BITS[0], NIBBLE_BITS[-1],
-                           self.cache.lut)
-        self.cache.rewrite_pinned(row, expert, held, want)
-
-    @functools.cache  # noqa: B019 - a few small arrays per top-k, for the pipeline's life
-    def _one_token_csr(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ptr, tokens) of k experts on token 0, one pair each."""
-        return np.arange(k + 1), np.zeros(k, np.int64)
-
-    def _target(self, w: Want) -> int:
-        return w.want if self.request.wait else w.must
-
-    def _take_ready(self, layer: int, pending: list[Routed]):
-        """([(routed, chunks held)] ready to compute, the rest); waits for the hottest when none is."""
-        held = self.reader.poll(layer, [(r.want.expert, r.want.must, self._target(r.want)) for r in pending])
+    def _take_ready(self, lease: Lease, pending: list[int], must, target, call: Call):
+        """(indices ready to compute, the rest); waits for the hottest when none is."""
+        e = lease.experts
+        held = self.reader.poll(lease.layer, [(int(e[k]), int(must[k]), int(target[k])) for k in pending])
         if all(h is None for h in held):
-            t0 = time.perf_counter()
-            w = pending[0].want
-            held[0] = self.reader.wait_for(layer, w.expert, w.must, self._target(w))
-            self.stats.stall_s += time.perf_counter() - t0
-        ready = [(r, h) for r, h in zip(pending, held, strict=True) if h is not None]
-        return ready, [r for r, h in zip(pending, held, strict=True) if h is None]
+            t0, k = time.perf_counter(), pending[0]
+            held[0] = self.reader.wait_for(lease.layer, int(e[k]), int(must[k]), int(target[k]))
+            call.stats.stall_s += time.perf_counter() - t0
+        ready = [k for k, h in zip(pending, held, strict=True) if h is not None]
+        return ready, [k for k, h in zip(pending, held, strict=True) if h is None]
 
-    def _compute(self, row: int, ready: list[tuple[Routed, int]], x: torch.Tensor,
-                 resident: dict[int, int]) -> torch.Tensor:
-        """One kernel call over the ready experts; an expert's pairs split by width, each capped by
-        the levels held (never below `must`)."""
-        units, bits, ptr, tokens, weights, forms = [], [], [0], [], [], []
-        for r, held in ready:
-            assert held >= r.want.must, (r.want, held)
-            widths = _by_width(r, held)
-            self._rewrite_for(row, r.want.expert, held, [b for b, _ in widths])
-            expert_units = self.cache.units[row, r.want.expert]  # chunks < held stay while pinned
-            for b, sel in widths:
-                n = len(r.tokens[sel])
-                units.append(expert_units)
-                forms.append(self.cache.form[row, r.want.expert])
-                bits.append(b)
-                tokens.append(r.tokens[sel])
-                weights.append(r.weights[sel])
-                ptr.append(ptr[-1] + n)
-                self.stats.record(b, resident[r.want.expert] >= b, int(r.bits[sel].max()), n=n)
+    def _prepare_forms(self, lease: Lease, routing: Routing, idx) -> None:
+        if self.cache.forms is None:
+            return
+        for k in idx:
+            pairs = routing.bits[routing.ptr[k]:routing.ptr[k + 1]]
+            self.cache.prepare_form(lease, k, np.unique(np.minimum(pairs, lease.held[k])).tolist())
+
+    def _compute(self, lease: Lease, routing: Routing, idx: np.ndarray, x: torch.Tensor, call: Call,
+                 resident: np.ndarray) -> torch.Tensor:
+        """One kernel call over the experts idx (None: all, in routing order); an expert's pairs split by
+        width, each capped by the levels it holds. `resident`: chunks held when acquired, for the stats."""
+        units, bits, ptr, tokens, weights, forms = _entries(lease, routing, idx)
+        if idx is None and len(bits) == len(routing.experts) and (resident >= bits).all():
+            call.stats.record_resident(bits)  # one pair per expert, all hits: one numba call
+        else:
+            every = np.arange(len(routing.experts))
+            _record(call.stats, lease, routing, every if idx is None else idx, resident)
         t0 = time.perf_counter()
-        form = {"form": np.array(forms, np.int8)} if self.cache.rewrite is not None else {}
-        y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, np.stack(units),
-                                       np.array(bits, np.int64), x, np.array(ptr, np.int64),
-                                       np.concatenate(tokens), np.concatenate(weights).astype(np.float32),
-                                       **form)
-        self.stats.expert_compute_s += time.perf_counter() - t0
+        form = {"form": forms} if self.cache.forms is not None else {}
+        y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, units, bits, x, ptr, tokens,
+                                       weights, **form)
+        call.stats.expert_compute_s += time.perf_counter() - t0
         return y
 
-    def _unpin(self, row: int, experts: list[int]) -> None:
-        with self.cache.lock:
-            for e in experts:
-                self.cache.pins[row, e] -= 1
-                if not self.keep and self.cache.pins[row, e] == 0:
-                    self.cache.drop(row, e)
-            self.cache.lock.notify_all()
-
-    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, x: torch.Tensor, call: Call) -> None:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
-        if (self.cache.held[self.cache.row[nxt]] >= self.request.max_bits).all():
+        if self.cache.layer_holds(nxt, call.request.max_bits):
             return  # the whole next layer is resident at the widest width asked for: nothing to guess
-        routed, _ = self._route(*route(x, self.routers[nxt], self.cfg))
-        self.reader.submit(nxt, [r.want for r in routed], prefetch=True)
+        routing = self.route(*route(x, self.routers[nxt], self.cfg), call.request)
+        must = np.maximum(np.minimum(call.request.min_bits, routing.want), BASE_BITS)
+        wants = [Want(int(e), int(m), int(w), float(h))
+                 for e, m, w, h in zip(routing.experts, must, routing.want, routing.heat, strict=True)]
+        self.reader.submit(nxt, wants, prefetch=True, floor=call.floor)
+
+
+def _entries(lease: Lease, routing: Routing, idx: np.ndarray | None):
+    """The kernel's entries for experts idx (None: all, in routing order): (units [N, 8], bits [N], ptr
+    [N + 1], tokens, weights, forms [N]), one entry per (expert, width), each pair's width capped by
+    the chunks its expert holds."""
+    if idx is None and len(routing.tokens) == len(routing.experts):  # one pair per expert
+        bits = np.minimum(routing.bits, lease.held)
+        return lease.units, bits, routing.ptr, routing.tokens, routing.weights, lease.forms
+    units, bits, ptr, pairs, forms = [], [], [0], [], []
+    for k in (range(len(routing.experts)) if idx is None else idx.tolist()):
+        span = np.arange(routing.ptr[k], routing.ptr[k + 1])
+        used = np.minimum(routing.bits[span], lease.held[k])
+        for b in np.unique(used).tolist():
+            sel = span[used == b]
+            units.append(lease.units[k])
+            forms.append(lease.forms[k])
+            bits.append(b)
+            pairs.append(sel)
+            ptr.append(ptr[-1] + len(sel))
+    pairs = np.concatenate(pairs)
+    return (np.stack(units), np.array(bits, np.int64), np.array(ptr, np.int64), routing.tokens[pairs],
+            routing.weights[pairs], np.array(forms, np.int8))
+
+
+def _record(stats: RunStats, lease: Lease, routing: Routing, idx: np.ndarray, resident: np.ndarray) -> None:
+    """Stats of one computation over experts idx: pairs per width, hits (held that width when acquired)
+    and pairs computed below the bits they wanted."""
+    for k in idx.tolist():
+        wanted = routing.bits[routing.ptr[k]:routing.ptr[k + 1]]
+        used = np.minimum(wanted, lease.held[k])
+        for b in np.unique(used).tolist():
+            sel = used == b
+            stats.record(b, resident[k] >= b, int(wanted[sel].max()), n=int(sel.sum()))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_moe.format.nested import MAX_BITS
-from edge_moe.kernels.bookkeeping import count
+from edge_moe.runtime.bookkeeping import count
 
 
 @dataclass

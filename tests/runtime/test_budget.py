@@ -13,9 +13,9 @@ import torch
 import edge_moe
 from edge_moe.errors import BudgetError, UsageError
 from edge_moe.format.nested import MAX_BITS
-from edge_moe.kernels.warm import prepare
 from edge_moe.model.layers import KVCache, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
+from edge_moe.runtime.warm import prepare
 
 CHILD = """
 import json, resource, subprocess, sys
@@ -26,7 +26,7 @@ print(json.dumps({"rc": child.returncode, "out": child.stdout, "err": child.stde
 
 WORKLOAD = """
 import json, os, sys, numpy as np, edge_moe, edge_moe.api  # import torch and numba before measuring
-from edge_moe.kernels.warm import prepare
+from edge_moe.runtime.warm import prepare
 from edge_moe.runtime.memory import current_rss
 rss0 = current_rss()
 prepare()  # what load() does first: the kernels, compiled in a child process if numba's cache lacks them
@@ -88,15 +88,12 @@ def test_a_cold_kernel_cache_costs_the_budgeted_process_nothing(wide_model, tmp_
     assert growth["cold"] <= growth["warm"] + 16 * 2**20, (cold, warm)  # 21.6 MB more with byte_matmul unwarmed
 
 
-def test_offload_on_and_off_give_identical_tokens(wide_model, monkeypatch):
+def test_offload_on_and_off_give_identical_tokens(wide_model):
     """Same kernels, same tokens. A model held whole is rewritten into the cpu kernels' nibble form, which
     sums in another order: on this random model that moved step 8's logits by ~0.005 and flipped its top
     two (0.004 apart), so the whole model keeps the planes here, as the budgeted one does."""
-    import edge_moe.api
-
-    monkeypatch.setattr(edge_moe.api, "_rewrite", lambda *args: (None, False))
     prompt = list(range(3, 43))
-    with edge_moe.load(wide_model) as full:
+    with edge_moe.load(wide_model, resident_forms=False) as full:
         want = list(full.generate_ids(prompt, max_tokens=16, bits=4))
     with edge_moe.load(wide_model, memory_budget=tight_budget(wide_model, 2 * 10**6)) as small:
         got = list(small.generate_ids(prompt, max_tokens=16, bits=4))
@@ -143,10 +140,10 @@ def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
         m.pipeline(0, x, weights, experts)
         m.reader.drain()
         predicted = route(x, m.pipeline.routers[1], m.config)[1][0].tolist()
-        row = m.cache.row[1]
-        assert all(m.cache.held[row, e] >= 2 for e in predicted)
-        assert int((m.cache.held[row] > 0).sum()) == len(predicted)  # nothing else of layer 1 was read
-        assert np.all(m.cache.held[m.cache.row[2]] == 0)  # no prefetch beyond the next layer
+        held = dict(zip(m.cache.layers, m.cache.held, strict=True))
+        assert all(held[1][e] >= 2 for e in predicted)
+        assert int((held[1] > 0).sum()) == len(predicted)  # nothing else of layer 1 was read
+        assert np.all(held[2] == 0)  # no prefetch beyond the next layer
 
 
 def test_a_budget_that_holds_every_level_loads_them_all_in_the_background(wide_model):
