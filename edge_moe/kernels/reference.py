@@ -77,3 +77,8 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
             w = torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]], np.float32))
             out.index_add_(0, rows, y * w[:, None])
     return out.to(x.device)
+
+
+def resident_forms(layout: ExpertLayout, arena) -> None:
+    """The reference keeps resident experts as the file's planes: no other storage forms (cpu has some)."""
+    return None

@@ -1,6 +1,6 @@
 """The cpu kernels compiled for x86 targets other than this host's, against the reference.
 
-Each target class has its own code paths (simd.GFNI: AVX-512 with GFNI and VBMI; simd.STRIDED: AVX2
+Each target class has its own code paths (isa.GFNI: AVX-512 with GFNI and VBMI; isa.STRIDED: AVX2
 without AVX-512; neither: the portable LLVM forms, as on ARM), and a host only ever compiles its own.
 So the kernel and packed-matrix tests also run in a child process with numba told to compile for a
 target this host can execute but does not use itself (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), with
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_moe.kernels import simd
+from edge_moe.kernels.cpu.simd import isa
 
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,"
            "+popcnt,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+x87,+xsave")
 TARGETS = {  # name: (NUMBA_CPU_FEATURES, the flag its paths stand for, whether this host can run them)
-    "haswell": (HASWELL, "STRIDED", simd._has("+avx2", "+fma", "+f16c", "+bmi2")),
+    "haswell": (HASWELL, "STRIDED", isa._has("+avx2", "+fma", "+f16c", "+bmi2")),
     "generic": ("", "portable", True),
 }
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def host_runs_already(flag: str) -> bool:
     if flag == "portable":
-        return not (simd.GFNI or simd.STRIDED or simd._AVX2)
-    return bool(getattr(simd, flag))
+        return not (isa.GFNI or isa.STRIDED or isa._AVX2)
+    return bool(getattr(isa, flag))
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_kernels_compiled_for_another_target(target, tmp_path):
            "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     if not features:
         env.pop("NUMBA_CPU_FEATURES")
-    check = "from edge_moe.kernels import simd; print(simd.GFNI, simd.STRIDED, simd._AVX2)"
+    check = "from edge_moe.kernels.cpu.simd import isa; print(isa.GFNI, isa.STRIDED, isa._AVX2)"
     flags = subprocess.run([sys.executable, "-c", check], env=env, cwd=REPO, capture_output=True, text=True)
     assert flags.stdout.split() == (["False", "True", "True"] if flag == "STRIDED" else ["False"] * 3), flags
     tests = ["tests/kernels/test_cpu_kernels.py", "tests/model/test_packed.py", "-k", "not demo_model"]

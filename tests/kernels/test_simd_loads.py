@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from edge_moe.kernels.simd import _fstore, _h2f
+from edge_moe.kernels.cpu.simd.common import _fstore
+from edge_moe.kernels.cpu.simd.fp16 import _h2f
 
 
 @njit(cache=True)
