@@ -70,33 +70,37 @@ def _nibble_row4(Q, X, xstride, S, M, DS, dstride, DSUM, ng, G, out, t, o):
 
 
 @njit(inline='always')
-def _code_rows(nibbles, codes, scale, minimum, X, xstride, dsc, DSUM, T, md, out):
-    """out = x @ W.T for W as byte or (nibbles, a literal) nibble codes. Rows and tokens go by address:
-    array slices in the parallel loop cost atomic reference counts, about as much as the dots."""
+def _code_rows(nibbles, codes, scale, minimum, xs, dsc, dsum, T, md, out):
+    """out = x @ W.T for W as byte or (nibbles, a literal) nibble codes, with xs the int16 activations
+    [T, n] or, for nibbles, the digits [T, 2, n] whose high digits they take (and the sums dsum[t, 1]).
+    Rows and tokens go by address: array slices in the parallel loop cost atomic reference counts, about
+    as much as the dots. The addresses are taken in the loop, so that its arrays stay alive through it
+    (numba frees an array after its last use, and xs and dsum are the caller's scratch)."""
     rows, G, ng = md[0], md[2], md[3]
-    Q, n, S, M, DS = _addr(codes), codes.shape[1], _addr(scale), _addr(minimum), _addr(dsc)
+    n, xstride = codes.shape[1], xs.strides[0]
     quads = T // 4 if nibbles else 0  # nibbles: tokens 4 at a time (_nibble_row4), then one by one
     dstride = 4 * dsc.shape[1]
     for b in prange(-(-rows // ROWS_PER_ITEM)):
+        Q, S, M, DS, X = _addr(codes), _addr(scale), _addr(minimum), _addr(dsc), _addr(xs)
+        DSUM = _addr(dsum) + dstride if nibbles else _addr(dsum)
         for o in range(b * ROWS_PER_ITEM, min(rows, b * ROWS_PER_ITEM + ROWS_PER_ITEM)):
             for t4 in range(0, 4 * quads, 4):  # (its own name: numba mislowers a parfor body that reuses t)
                 _nibble_row4(Q + n * o, X + xstride * t4, xstride, S + 4 * ng * o, M + 4 * ng * o,
                              DS + dstride * t4, dstride, DSUM + 2 * dstride * t4, ng, G, out, t4, o)
             for t in range(4 * quads, T):
                 q, xt, s, m = Q + n * o, X + xstride * t, S + 4 * ng * o, M + 4 * ng * o
-                ds, dsum = DS + dstride * t, DSUM + 2 * dstride * t
+                ds, dsm = DS + dstride * t, DSUM + 2 * dstride * t
                 if nibbles:
-                    out[t, o] = _nibble_row(q, xt, s, m, ds, dsum, ng, G)
+                    out[t, o] = _nibble_row(q, xt, s, m, ds, dsm, ng, G)
                 else:
-                    out[t, o] = _byte_row(q, xt, s, m, ds, dsum, ng, G)
+                    out[t, o] = _byte_row(q, xt, s, m, ds, dsm, ng, G)
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _byte_matmul_kernel(codes, scale, minimum, x, md, out):
     """out = x @ W.T for W as byte codes (ByteLinear), int16 activations as the planes' at >= 5 bits."""
     dig, dsc, dsum = _digits_of(x, md)
-    x16 = _int16_inputs(dig)
-    _code_rows(False, codes, scale, minimum, _addr(x16), x16.strides[0], dsc, _addr(dsum), x.shape[0], md, out)
+    _code_rows(False, codes, scale, minimum, _int16_inputs(dig), dsc, dsum, x.shape[0], md, out)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -104,5 +108,4 @@ def _nibble_matmul_kernel(codes, scale, minimum, x, md, out):
     """out = x @ W.T for W as 4-bit nibble codes (NibbleLinear), int8 activations as the planes' at
     <= ACT8_MAX_BITS bits (their sums: dsum[t, 1])."""
     dig, dsc, dsum = _digits_of(x, md)
-    _code_rows(True, codes, scale, minimum, _addr(dig), dig.strides[0], dsc, _addr(dsum) + 4 * dsc.shape[1],
-               x.shape[0], md, out)
+    _code_rows(True, codes, scale, minimum, dig, dsc, dsum, x.shape[0], md, out)
