@@ -42,7 +42,8 @@ class Lease:
     held: np.ndarray  # [n] chunks held when acquired
     ready: bool  # every expert held the bits it wants: nothing to read
     todo: int  # with ready: experts not in the form their width wants
-    pinned: np.ndarray  # [n] bool: not yet released
+    pinned: np.ndarray | None = None  # [n] bool: not yet released, once some were (None: all or none)
+    done: bool = False  # every expert released
 
 
 class ExpertCache:
@@ -119,8 +120,7 @@ class ExpertCache:
             got = bookkeeping.acquire_row(self._held[r], self._pins[r], self._hot[r], self._last_used[r],
                                           self._step, self.decay, self._form[r], self._units[r], self._table,
                                           experts, counts, bits, units, forms, held)
-        return Lease(layer, experts, units, forms, held, got < 0, -got - 1 if got < 0 else 0,
-                     np.ones(n, bool))
+        return Lease(layer, experts, units, forms, held, got < 0, -got - 1 if got < 0 else 0)
 
     def refresh(self, lease: Lease, k: int) -> int:
         """Re-read the k-th leased expert's units and form after reads landed; returns chunks held."""
@@ -134,12 +134,21 @@ class ExpertCache:
     def release(self, lease: Lease, which=None, drop: bool = False) -> None:
         """Unpin the leased experts `which` (indices; default all still pinned); drop frees their chunks
         once unpinned (the keep-nothing baseline)."""
-        idx = np.flatnonzero(lease.pinned) if which is None else np.asarray(which, np.int64)
-        idx = idx[lease.pinned[idx]]
-        if not len(idx):
+        if lease.done:
             return
-        lease.pinned[idx] = False
-        r, experts = self._row[lease.layer], lease.experts[idx]
+        if which is None and lease.pinned is None:  # all at once: the decode step's case
+            experts, lease.done = lease.experts, True
+        else:
+            if lease.pinned is None:
+                lease.pinned = np.ones(len(lease.experts), bool)
+            idx = np.flatnonzero(lease.pinned) if which is None else np.asarray(which, np.int64)
+            idx = idx[lease.pinned[idx]]
+            lease.pinned[idx] = False
+            lease.done = not lease.pinned.any()
+            experts = lease.experts[idx]
+            if not len(experts):
+                return
+        r = self._row[lease.layer]
         with self._lock:
             freed = bookkeeping.unpin(self._pins[r], experts)
             if drop:

@@ -73,7 +73,7 @@ class Routing(NamedTuple):
 
     @property
     def counts(self) -> np.ndarray:
-        return np.diff(self.ptr)
+        return np.diff(self.ptr) if len(self.tokens) != len(self.experts) else _ones(len(self.experts))
 
     def hottest_first(self) -> np.ndarray:
         """Indices of the experts by heat, ties by expert id: the order of reads and waits."""
@@ -85,7 +85,7 @@ def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray) 
     order (one pair per expert), several are grouped hottest first."""
     if experts.shape[0] == 1:
         ptr, tokens = _one_token_csr(experts.shape[1])
-        w = weights[0].astype(np.float32)
+        w = weights[0].astype(np.float32, copy=False)
         return Routing(experts[0], bits[0], 1.0 + w / 2, ptr, tokens, w, bits[0])
     flat = experts.ravel()
     order = np.argsort(flat, kind="stable")
@@ -101,8 +101,13 @@ def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray) 
 
 @functools.cache
 def _one_token_csr(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ptr, tokens) of k experts on token 0, one pair each."""
+    """(ptr, tokens) of k experts on token 0, one pair each (shared: never written)."""
     return np.arange(k + 1), np.zeros(k, np.int64)
+
+
+@functools.cache
+def _ones(k: int) -> np.ndarray:
+    return np.ones(k, np.int64)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -133,7 +138,7 @@ class MoePipeline:
             if lease.ready:  # every expert holds the bits it wants: one kernel call, nothing to read
                 if lease.todo:
                     self._prepare_forms(lease, routing, range(len(lease.experts)))
-                y = self._compute(lease, routing, None, x, call, lease.held)
+                y = self._compute(lease, routing, None, x, call, None)
             else:
                 y = self._stream(lease, routing, x, call)
         finally:
@@ -182,13 +187,15 @@ class MoePipeline:
     def _compute(self, lease: Lease, routing: Routing, idx: np.ndarray, x: torch.Tensor, call: Call,
                  resident: np.ndarray) -> torch.Tensor:
         """One kernel call over the experts idx (None: all, in routing order); an expert's pairs split by
-        width, each capped by the levels it holds. `resident`: chunks held when acquired, for the stats."""
+        width, each capped by the levels it holds. `resident`: chunks held when acquired, for the stats
+        (None: every expert held its bits: a ready lease)."""
         units, bits, ptr, tokens, weights, forms = _entries(lease, routing, idx)
-        if idx is None and len(bits) == len(routing.experts) and (resident >= bits).all():
+        if resident is None and len(bits) == len(routing.experts):
             call.stats.record_resident(bits)  # one pair per expert, all hits: one numba call
         else:
             every = np.arange(len(routing.experts))
-            _record(call.stats, lease, routing, every if idx is None else idx, resident)
+            _record(call.stats, lease, routing, every if idx is None else idx,
+                    lease.held if resident is None else resident)
         t0 = time.perf_counter()
         form = {"form": forms} if self.cache.forms is not None else {}
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, units, bits, x, ptr, tokens,
@@ -213,9 +220,8 @@ def _entries(lease: Lease, routing: Routing, idx: np.ndarray | None):
     """The kernel's entries for experts idx (None: all, in routing order): (units [N, 8], bits [N], ptr
     [N + 1], tokens, weights, forms [N]), one entry per (expert, width), each pair's width capped by
     the chunks its expert holds."""
-    if idx is None and len(routing.tokens) == len(routing.experts):  # one pair per expert
-        bits = np.minimum(routing.bits, lease.held)
-        return lease.units, bits, routing.ptr, routing.tokens, routing.weights, lease.forms
+    if idx is None and len(routing.tokens) == len(routing.experts):  # one pair per expert, all held
+        return lease.units, routing.bits, routing.ptr, routing.tokens, routing.weights, lease.forms
     units, bits, ptr, pairs, forms = [], [], [0], [], []
     for k in (range(len(routing.experts)) if idx is None else idx.tolist()):
         span = np.arange(routing.ptr[k], routing.ptr[k + 1])
