@@ -172,11 +172,6 @@ class ExpertCache:
                 self._form[self._row[lease.layer], lease.experts[k]] = new
             lease.forms[k] = new
 
-    def prepare_forms(self, lease: Lease, bits: np.ndarray) -> None:
-        """prepare_form for every leased expert at its one width (a ready lease with todo > 0)."""
-        for k in range(len(lease.experts)):
-            self.prepare_form(lease, k, [int(bits[k])])
-
     # -- the reader thread ------------------------------------------------------------------------
 
     def snapshot(self, layer: int) -> tuple[np.ndarray, int, int]:

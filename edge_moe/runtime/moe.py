@@ -75,6 +75,14 @@ class Routing(NamedTuple):
     def counts(self) -> np.ndarray:
         return np.diff(self.ptr) if len(self.tokens) != len(self.experts) else _ones(len(self.experts))
 
+    def must(self, request: BitRequest) -> np.ndarray:
+        """Chunks each expert cannot run without for this request: min_bits, or less where it wants less."""
+        return np.maximum(np.minimum(request.min_bits, self.want), BASE_BITS)
+
+    def wants(self, must: np.ndarray, order) -> list[Want]:
+        """The reader's Want of each expert in `order` (indices)."""
+        return [Want(int(self.experts[k]), int(must[k]), int(self.want[k]), float(self.heat[k])) for k in order]
+
     def hottest_first(self) -> np.ndarray:
         """Indices of the experts by heat, ties by expert id: the order of reads and waits."""
         return np.lexsort((self.experts, -self.heat))
@@ -149,11 +157,9 @@ class MoePipeline:
     def _stream(self, lease: Lease, routing: Routing, x: torch.Tensor, call: Call) -> torch.Tensor:
         """Hand the reader what is missing, then compute experts in batches as their levels land."""
         req, resident = call.request, lease.held.copy()
-        must = np.maximum(np.minimum(req.min_bits, routing.want), BASE_BITS)
+        must = routing.must(req)
         pending = routing.hottest_first().tolist()
-        self.reader.submit(lease.layer, [Want(int(routing.experts[k]), int(must[k]), int(routing.want[k]),
-                                              float(routing.heat[k])) for k in pending],
-                           wait_upper=req.wait, floor=call.floor)
+        self.reader.submit(lease.layer, routing.wants(must, pending), wait_upper=req.wait, floor=call.floor)
         target = routing.want if req.wait else must
         out = None
         while pending:
@@ -210,9 +216,7 @@ class MoePipeline:
         if self.cache.layer_holds(nxt, call.request.max_bits):
             return  # the whole next layer is resident at the widest width asked for: nothing to guess
         routing = self.route(*route(x, self.routers[nxt], self.cfg), call.request)
-        must = np.maximum(np.minimum(call.request.min_bits, routing.want), BASE_BITS)
-        wants = [Want(int(e), int(m), int(w), float(h))
-                 for e, m, w, h in zip(routing.experts, must, routing.want, routing.heat, strict=True)]
+        wants = routing.wants(routing.must(call.request), range(len(routing.experts)))
         self.reader.submit(nxt, wants, prefetch=True, floor=call.floor)
 
 

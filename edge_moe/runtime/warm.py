@@ -67,7 +67,7 @@ def prepare() -> None:
     if _loaded:
         return
     if not compiled():
-        print("edge-moe: compiling the cpu kernels for this machine (once, 30-90 s)", file=sys.stderr,
+        print("edge-moe: compiling the cpu kernels for this machine (once, a few minutes)", file=sys.stderr,
               flush=True)
         # the child must compile these very files, whatever its working directory holds (a source
         # tree there shadowed an installed package and the child filled the wrong cache)
