@@ -30,6 +30,7 @@ from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current
 from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader, Want
 from edge_moe.runtime.sampling import sample
+from edge_moe.runtime.warm import groups_for as kernel_groups
 from edge_moe.runtime.warm import prepare as prepare_kernels
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo.emoe"
@@ -92,9 +93,11 @@ class Model:
         are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
         faster layouts when the cache holds every chunk (False: always the file's planes)."""
         self.device = _check_device(device)
-        kernels = get_backend(backend or default_backend(self.device))  # imports numba before the baseline
-        prepare_kernels()  # compiled in a child process the first time: LLVM's memory stays out of the budget
+        backend = backend or default_backend(self.device)
+        kernels = get_backend(backend)  # imports numba before the baseline
         self.dense_bits = _dense_bits(dense_bits, self.device)
+        # compiled in child processes the first time: LLVM's memory stays out of the budget
+        prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and self.device.type == "cpu"))
         baseline = current_rss()
         self.rss = PeakRss()
         self.path, self.prefill_chunk = Path(path), int(prefill_chunk)

@@ -23,3 +23,19 @@ KERNEL_INT16_ACT_REL = 1e-3
 # weights: measured 0.4-0.8% relative logit error on the tiny models at 3 and 4 bits; one level
 # off (our b+1-bit forward against the b-bit weights) gives 4.2-16%.
 FORWARD_INT8_ACT_REL = 0.02
+
+# The LUT form vs a numpy oracle of its own arithmetic: float32 sums in another order.
+LUT_ORACLE_REL = 1e-5
+
+# The LUT form vs the exact 2-bit matmul on q8(x): tables of sums of 4 int8 digits (up to 4 x 127)
+# requantized to int8 lose up to st / 2 per sum; measured 1.0-2.0e-2 of the largest output, where the
+# planes read in the wrong layout give > 1 (the 2-bit weights themselves are 20-37% off bf16).
+LUT_TABLE_REL = 5e-2
+
+# A float32 op (attention, RMSNorm, routing softmax) vs torch's on the same inputs: another order of sums.
+FLOAT32_OP_REL = 1e-5
+FLOAT32_OP_ATOL = 1e-6
+
+# One formula evaluated twice in float32 (dequantized rows vs their oracle): rounding only.
+SAME_FORMULA_REL = 1e-5
+SAME_FORMULA_ATOL = 1e-7

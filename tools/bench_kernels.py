@@ -28,7 +28,6 @@ from numba import get_num_threads, njit, prange, set_num_threads
 from edge_moe.format.layout import build_layout, pack_expert, to_units
 from edge_moe.format.nested import NestedMatrix, num_groups
 from edge_moe.kernels import cpu
-from edge_moe.runtime.moe import NIBBLE_BITS
 
 SHAPES = {  # name: (O, N) of y = x @ W.T, decode shapes of real models (issue 3)
     "olmoe 2048x1024": (2048, 1024),
@@ -164,7 +163,7 @@ def bench_shape(name, o, n, args, bits_list, tokens):
         for bits in bits_list:
             runs = {"planes": cycling(lambda b, x=x, bits=bits: cpu.nested_matmul(layout, b, "w", x, bits),
                                       list(slab))}
-            if arena is not None and bits in NIBBLE_BITS:  # the runtime's form of resident experts
+            if arena is not None and bits in cpu.NIBBLE_BITS:  # the runtime's form of resident experts
                 runs["nibble form"] = cycling(lambda u, x=x, bits=bits: cpu.nested_matmul_units(
                     layout, arena, u, "w", x, bits, form=cpu.NIBBLE_FORM), list(units))
             if lut is not None and bits == 2:
@@ -201,7 +200,7 @@ def bench_moe(args, bits_list):
             # enough calls that the experts they touch (k each) outgrow the pool: DRAM, not cache
             calls = [call(i) for i in range(max(2, 4 * len(slab) // k))]
             runs = {"planes": cycling(lambda c, x=x: cpu.moe_ffn(layout, slab, c[0], c[1], x, *c[2:]), calls)}
-            if arena is not None and bits in NIBBLE_BITS:  # the runtime's call on rewritten resident experts
+            if arena is not None and bits in cpu.NIBBLE_BITS:  # the runtime's call on rewritten residents
                 runs["nibble form"] = cycling(lambda c, x=x: cpu.moe_ffn_units(
                     layout, arena, units[c[0]], c[1], x, *c[2:], form=np.full(len(c[0]), cpu.NIBBLE_FORM)),
                     calls)

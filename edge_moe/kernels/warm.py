@@ -1,6 +1,6 @@
-"""The cpu kernels' numba entry points and one call of each on tiny inputs (kernels.cpu.warmup), under the
-name runtime.warm imports them by."""
+"""The cpu kernels' numba entry points by group and one call of each on tiny inputs (kernels.cpu.warmup),
+under the name runtime.warm imports them by."""
 
-from edge_moe.kernels.cpu.warmup import ENTRY_POINTS, call_every_kernel
+from edge_moe.kernels.cpu.warmup import ENTRY_POINTS, GROUPS, call_every_kernel, call_group, groups_for
 
-__all__ = ["ENTRY_POINTS", "call_every_kernel"]
+__all__ = ["ENTRY_POINTS", "GROUPS", "call_every_kernel", "call_group", "groups_for"]

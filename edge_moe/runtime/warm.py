@@ -1,10 +1,14 @@
-"""The kernels' first compile, done once per machine in a child process: LLVM's memory (170-270 MB,
-which numba keeps) must not land in a process that has promised a memory budget."""
+"""The kernels' first compile, done once per machine in child processes: LLVM's memory (170-270 MB,
+which numba keeps) must not land in a process that has promised a memory budget. Only the groups of
+entry points a model uses are compiled, two children at a time where there are two cores."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -13,16 +17,33 @@ import numpy as np
 from edge_moe.kernels import warm as kernels_warm
 from edge_moe.runtime import bookkeeping
 
-ENTRY_POINTS = (*kernels_warm.ENTRY_POINTS, bookkeeping.assign_bits, bookkeeping.acquire_row,
-                bookkeeping.fold_routing, bookkeeping.unpin, bookkeeping.count)
+BOOKKEEPING = (bookkeeping.assign_bits, bookkeeping.acquire_row, bookkeeping.fold_routing, bookkeeping.unpin,
+               bookkeeping.count)
+GROUPS = {**kernels_warm.GROUPS, "bookkeeping": BOOKKEEPING}
+ENTRY_POINTS = tuple(f for group in GROUPS.values() for f in group)
+# seconds each group took to compile on a 2-core AVX-512 machine: the longest go first, to balance children
+COST = {"experts": 25, "nested": 20, "attention": 9, "forms": 6, "bookkeeping": 5, "dense8": 3, "dense4": 3}
+MAX_CHILDREN = 2  # the experts group alone is about half of everything: a third child shortens nothing
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
-         "from edge_moe.runtime.warm import call_every_kernel; call_every_kernel()")
+         "from edge_moe.runtime.warm import call_groups; call_groups({groups!r})")
+POLL_S = 0.5
+
+
+def groups_for(backend: str, dense_bits: int, resident_forms: bool) -> tuple[str, ...]:
+    """The groups a model calls: the decoder's and the cache's always, the cpu backend's kernels on it."""
+    if backend == "cpu":
+        return ("bookkeeping", *kernels_warm.groups_for(dense_bits, resident_forms))
+    return ("bookkeeping", "attention")
+
+
+def call_groups(names) -> None:
+    """Call each entry point of these groups once: compiles them, or loads them from numba's cache."""
+    for name in names:
+        _call_bookkeeping() if name == "bookkeeping" else kernels_warm.call_group(name)
 
 
 def call_every_kernel() -> None:
-    """Call each entry point once: compiles it, or loads it from numba's cache."""
-    kernels_warm.call_every_kernel()
-    _call_bookkeeping()
+    call_groups(GROUPS)
 
 
 def _call_bookkeeping() -> None:
@@ -52,32 +73,89 @@ def _on_disk(dispatcher) -> bool:
         return False
 
 
-def compiled() -> bool:
-    return all(_on_disk(d) for d in ENTRY_POINTS)
+def compiled(names=GROUPS) -> bool:
+    return all(_on_disk(f) for name in names for f in GROUPS[name])
 
 
-_loaded = False  # this process has called every kernel once
+def _share_out(names: list[str], children: int) -> list[list[str]]:
+    """Groups dealt to children, longest first, each to the child with the least work so far."""
+    shares, work = [[] for _ in range(children)], [0] * children
+    for name in sorted(names, key=lambda n: -COST.get(n, 1)):
+        i = work.index(min(work))
+        shares[i].append(name)
+        work[i] += COST.get(name, 1)
+    return [s for s in shares if s]
 
 
-def prepare() -> None:
-    """Make the kernels ready before a budgeted process measures its baseline: compile them in a
-    child process if numba's cache lacks them, then load them here (~0.2 s, their code and threads
-    then count in the baseline). Once per process."""
-    global _loaded
-    if _loaded:
-        return
-    if not compiled():
-        print("edge-moe: compiling the cpu kernels for this machine (once, a few minutes)", file=sys.stderr,
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Progress:
+    """A line on stderr: rewritten in place on a terminal, else printed again each time a part is done."""
+
+    def __init__(self, total: int):
+        self.total, self.t0, self.tty, self.shown = total, time.monotonic(), sys.stderr.isatty(), -1
+        self.show(0)
+
+    def show(self, done: int, end: bool = False) -> None:
+        if not self.tty and done == self.shown:
+            return
+        self.shown = done
+        line = (f"edge-moe: compiling the cpu kernels for this machine, once: {done} of {self.total} parts, "
+                f"{time.monotonic() - self.t0:.0f} s")
+        print("\r" + line if self.tty else line, end="\n" if end or not self.tty else "", file=sys.stderr,
               flush=True)
-        # the child must compile these very files, whatever its working directory holds (a source
-        # tree there shadowed an installed package and the child filled the wrong cache)
-        root = str(Path(__file__).resolve().parents[2])
-        child = subprocess.run([sys.executable, "-c", CHILD.format(root=root)], capture_output=True, text=True)
-        if child.returncode != 0 or not compiled():
-            why = (f"exit {child.returncode}: {child.stderr.strip()[-300:]}" if child.returncode
-                   else "is numba's cache directory writable?")
+
+
+def _compile_in_children(names: list[str]) -> str | None:
+    """Compile the groups into numba's cache in child processes; None, or why it failed."""
+    # the children must compile these very files, whatever their working directory holds (a source
+    # tree there shadowed an installed package and a child filled the wrong cache)
+    root = str(Path(__file__).resolve().parents[2])
+    shares = _share_out(names, min(MAX_CHILDREN, _cores()))
+    logs = [tempfile.TemporaryFile("w+") for _ in shares]  # a pipe could fill and stall a child
+    children = [subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, groups=share)],
+                                 stdout=subprocess.DEVNULL, stderr=log)
+                for share, log in zip(shares, logs, strict=True)]
+    progress = _Progress(len(names))
+    try:
+        while any(c.poll() is None for c in children):
+            time.sleep(POLL_S)
+            progress.show(sum(compiled([n]) for n in names))
+    finally:
+        for child in children:
+            if child.poll() is None:  # interrupted: nothing is left running behind the user's back
+                child.kill()
+            child.wait()
+        errors = []
+        for log in logs:
+            log.seek(0)
+            errors.append(log.read())
+            log.close()
+    progress.show(sum(compiled([n]) for n in names), end=True)
+    failed = [(c.returncode, e) for c, e in zip(children, errors, strict=True) if c.returncode != 0]
+    if failed:
+        return f"exit {failed[0][0]}: {failed[0][1].strip()[-300:]}"
+    return None if compiled(names) else "is numba's cache directory writable?"
+
+
+_loaded: set[str] = set()  # groups this process has called once
+
+
+def prepare(names=tuple(GROUPS)) -> None:
+    """Make these groups of kernels ready before a budgeted process measures its baseline: compile them
+    in child processes if numba's cache lacks them, then load them here (~0.2 s, their code and threads
+    then count in the baseline)."""
+    todo = [n for n in dict.fromkeys(names) if n not in _loaded]
+    if not todo:
+        return
+    missing = [n for n in todo if not compiled([n])]
+    if missing:
+        why = _compile_in_children(missing)
+        if why:
             warnings.warn(f"edge-moe: the cpu kernels could not be compiled into numba's cache ({why}); they "
                           "compile in this process, whose RSS may pass --memory-budget by ~200 MB",
                           RuntimeWarning, stacklevel=2)
-    call_every_kernel()
-    _loaded = True
+    call_groups(todo)
+    _loaded.update(todo)

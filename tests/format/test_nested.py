@@ -14,6 +14,7 @@ from edge_moe.format.nested import (
     quantize_rtn,
     unpack_planes,
 )
+from tests.tolerances import SAME_FORMULA_ATOL, SAME_FORMULA_REL
 
 SHAPES = {"gate_up": (2 * 48, 200), "down": (200, 48)}  # 200 and 48 are not multiples of the group
 
@@ -51,7 +52,8 @@ def test_msb_prefix_is_bucket_centre_of_the_8_bit_code():
         bucket = 2 ** (8 - bits)
         centre = np.floor(q8 / bucket) * bucket + (bucket - 1) / 2
         want = centre * m.scale.astype(np.float32)[..., None] + m.minimum.astype(np.float32)[..., None]
-        np.testing.assert_allclose(dequantize(m, bits), want.reshape(8, -1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(dequantize(m, bits), want.reshape(8, -1),
+                                   rtol=SAME_FORMULA_REL, atol=SAME_FORMULA_ATOL)
 
 
 def test_rtn_baseline_is_not_nested_but_close():

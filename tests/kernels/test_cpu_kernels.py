@@ -18,8 +18,11 @@ TOKENS = [1, 2, 33, 64]
 
 @pytest.fixture(scope="module", params=[(s, g) for s in SCHEMES for g in (64, 128)], ids=str)
 def expert(request):
+    return make_expert(*request.param)
+
+
+def make_expert(scheme: str, group: int):
     """(layout, contiguous buffer) of one expert: gate_up [2 INTER, D], down [D, INTER]."""
-    scheme, group = request.param
     rng = np.random.default_rng(group)
     mats = {"gate_up": rng.standard_normal((2 * INTER, D)).astype(np.float32) * 0.05,
             "down": rng.standard_normal((D, INTER)).astype(np.float32) * 0.05}

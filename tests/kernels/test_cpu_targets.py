@@ -2,9 +2,9 @@
 
 Each target class has its own code paths (isa.GFNI: AVX-512 with GFNI and VBMI; isa.STRIDED: AVX2
 without AVX-512; neither: the portable LLVM forms, as on ARM), and a host only ever compiles its own.
-So the kernel and packed-matrix tests also run in a child process with numba told to compile for a
-target this host can execute but does not use itself (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), with
-its own numba cache directory.
+So the kernel, LUT and forms, and packed-matrix tests also run in a child process with numba told to
+compile for a target this host can execute but does not use itself (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES),
+with its own numba cache directory.
 """
 
 import os
@@ -46,7 +46,9 @@ def test_kernels_compiled_for_another_target(target, tmp_path):
     check = "from edge_moe.kernels.cpu.simd import isa; print(isa.GFNI, isa.STRIDED, isa._AVX2)"
     flags = subprocess.run([sys.executable, "-c", check], env=env, cwd=REPO, capture_output=True, text=True)
     assert flags.stdout.split() == (["False", "True", "True"] if flag == "STRIDED" else ["False"] * 3), flags
-    tests = ["tests/kernels/test_cpu_kernels.py", "tests/model/test_packed.py", "-k", "not demo_model"]
+    tests = ["tests/kernels/test_cpu_kernels.py", "tests/kernels/test_cpu_lut_form.py",
+             "tests/kernels/test_forms_policy.py", "tests/model/test_packed.py", "tests/runtime/test_forms.py",
+             "-k", "not demo_model"]
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

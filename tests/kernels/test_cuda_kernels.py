@@ -11,7 +11,7 @@ from edge_moe.errors import UsageError
 from edge_moe.format.layout import build_layout, pack_expert, to_units
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize
 from edge_moe.kernels import cuda, reference
-from tests.tolerances import KERNEL_REL
+from tests.tolerances import KERNEL_REL, SAME_FORMULA_ATOL, SAME_FORMULA_REL
 
 BITS = list(range(BASE_BITS, MAX_BITS + 1))
 GROUPS = [64, 128]
@@ -101,7 +101,7 @@ def test_fallback_dequantize_matches_oracle(scheme, group):
         for matrix in ("gate_up", "down"):
             want = reference.dequantized(layout, buf, matrix, bits)
             got = cuda.dequantized(layout, torch.from_numpy(buf), matrix, bits)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got, want, rtol=SAME_FORMULA_REL, atol=SAME_FORMULA_ATOL)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from edge_moe.kernels.attention import QK_NORMS, add_rms_rows, decode_attention, route_token
 from edge_moe.model.layers import Rope
+from tests.tolerances import FLOAT32_OP_ATOL, FLOAT32_OP_REL
 
 
 def rotate(x, cos, sin):
@@ -44,8 +45,9 @@ def test_decode_attention_matches_torch(heads, kv, qk_norm, pos):
     kc, vc = keys.numpy().copy(), values.numpy().copy()
     decode_attention(q.numpy().copy(), k.numpy().copy(), v.numpy().copy(), qn.numpy(), kn.numpy(),
                      QK_NORMS[qk_norm], np.float32(eps), cos.numpy(), sin.numpy(), kc, vc, pos, out)
-    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(kc[pos], rk.numpy(), rtol=1e-5, atol=1e-5)  # the cache holds the rotated key
+    np.testing.assert_allclose(out, ref.numpy(), rtol=FLOAT32_OP_REL, atol=FLOAT32_OP_REL)
+    # the cache holds the rotated key
+    np.testing.assert_allclose(kc[pos], rk.numpy(), rtol=FLOAT32_OP_REL, atol=FLOAT32_OP_REL)
     np.testing.assert_array_equal(vc[pos], v.numpy())
     np.testing.assert_array_equal(np.delete(kc, pos, 0), np.delete(keys.numpy(), pos, 0))
 
@@ -56,7 +58,8 @@ def test_rms_rows_matches_torch():
     x, w = torch.randn(5, 300), torch.rand(300) + 0.5
     out = np.empty((5, 300), np.float32)
     rms_rows(x.numpy(), w.numpy(), np.float32(1e-6), out)
-    np.testing.assert_allclose(out, F.rms_norm(x, w.shape, w, 1e-6).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, F.rms_norm(x, w.shape, w, 1e-6).numpy(), rtol=FLOAT32_OP_REL,
+                               atol=FLOAT32_OP_ATOL)
 
 
 @pytest.mark.parametrize("experts, k", [(64, 8), (8, 2), (60, 4), (4, 4)])
@@ -72,7 +75,7 @@ def test_route_token_matches_torch_softmax_topk(experts, k, renorm):
         w, e = np.empty(k, np.float32), np.empty(k, np.int64)
         route_token(x.numpy(), router.numpy(), renorm, w, e)
         assert e.tolist() == want_e.tolist()
-        np.testing.assert_allclose(w, want_w.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(w, want_w.numpy(), rtol=FLOAT32_OP_REL)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -85,4 +88,4 @@ def test_add_rms_rows_adds_in_place_then_norms(rows):
     out = np.empty((rows, 64), np.float32)
     add_rms_rows(h.numpy(), delta.numpy(), weight.numpy(), np.float32(1e-6), out)
     np.testing.assert_array_equal(h.numpy(), want_h.numpy())
-    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want.numpy(), rtol=FLOAT32_OP_REL, atol=FLOAT32_OP_ATOL)

@@ -13,7 +13,7 @@ from edge_moe.format.nested import dequantize, quantize
 from edge_moe.kernels import cpu, reference
 from edge_moe.model import packed
 from tests.kernels.test_cpu_kernels import q8
-from tests.tolerances import KERNEL_INT16_ACT_REL
+from tests.tolerances import KERNEL_INT16_ACT_REL, SAME_FORMULA_ATOL
 
 ROWS, N = 300, 160  # neither a multiple of the row block (set to 128 below) nor of the group
 
@@ -92,7 +92,8 @@ def test_matmul_and_rows_match_dequantized(weight, backend, t, bits):
     assert got.shape == (2, t, ROWS)
     assert np.abs(got - want).max() / np.abs(want).max() < KERNEL_INT16_ACT_REL
     ids = torch.tensor([299, 0, 7, 7])
-    np.testing.assert_allclose(p.rows(ids).numpy(), oracle(weight, bits)[ids.numpy()], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(p.rows(ids).numpy(), oracle(weight, bits)[ids.numpy()], rtol=0,
+                               atol=SAME_FORMULA_ATOL)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

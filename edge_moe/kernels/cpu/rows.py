@@ -48,16 +48,16 @@ def _gemv(ca, md, bits, mwq, nib, X, X8, X16, Dsc, Dsum, o0, o1, w, coef, tile, 
 
 
 @njit(cache=True)
-def _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale, accumulate):
-    """Rows o0..o1 of one matrix for n tokens of an expert held in `form`; out[orows[d0+i], o] (+)=
-    oscale[d0+i] * y."""
+def _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, out, orows, oscale):
+    """Rows o0..o1 of one matrix for n tokens of an expert held in `form`; out[orows[d0+i], o] +=
+    oscale[d0+i] * y (callers zero out: one signature for every caller, so numba compiles this tree once)."""
     # scratch is passed as arrays, never as bare addresses: numba frees an array after its last use
     ngp = md[4]
     nib = form == NIBBLE_FORM
     y = np.empty((n, o1 - o0), np.float32)
     if STRIDED and form == LUT_FORM:  # (2 bits: _unit_addresses) one GEMV per token and block of rows
         _lut_rows(ca, md, xs[3], xs[4], dsum, drows, d0, n, o0, o1, y)
-        _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate)
+        _put_rows(y, n, o0, o1, out, orows, oscale, d0)
         return
     # more than one token, at <= 4 bits on AVX2: a GEMV per token over blocks of rows (PASS_BYTES),
     # from the nibble form, or from nibbles of the block's msb planes (at group 128) written in scratch
@@ -93,18 +93,14 @@ def _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, 
         qbuf = np.empty(MAX_BITS * md[2], np.uint8)
         _gemm(ca, md, bits, mwq, nib, dig, xs[2], dsc, dsum, drows, d0, n, o0, o1, W,
               np.empty(8 * ngp, np.float32), np.empty(ngp, np.float32), qbuf, np.empty(16 * n, np.float32), y)
-    _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate)
+    _put_rows(y, n, o0, o1, out, orows, oscale, d0)
 
 
-@njit(inline='always')
-def _put_rows(y, n, o0, o1, out, orows, oscale, d0, accumulate):
-    """out[orows[d0+i], o0..o1] (+)= oscale[d0+i] * y[i]."""
+@njit
+def _put_rows(y, n, o0, o1, out, orows, oscale, d0):
+    """out[orows[d0+i], o0..o1] += oscale[d0+i] * y[i]."""
     for i in range(n):
         dst = out[orows[d0 + i]]
         s = oscale[d0 + i]
-        if accumulate:
-            for k in range(o1 - o0):
-                dst[o0 + k] += s * y[i, k]
-        else:
-            for k in range(o1 - o0):
-                dst[o0 + k] = s * y[i, k]
+        for k in range(o1 - o0):
+            dst[o0 + k] += s * y[i, k]
