@@ -29,7 +29,7 @@ from edge_moe.runtime.generate import decode_tokens, prefill
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
 from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader, Want
-from edge_moe.runtime.sampling import sample
+from edge_moe.runtime.sampling import check_sampling, sample
 from edge_moe.runtime.warm import groups_for as kernel_groups
 from edge_moe.runtime.warm import prepare as prepare_kernels
 
@@ -93,6 +93,9 @@ class Model:
         are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
         faster layouts when the cache holds every chunk (False: always the file's planes)."""
         self.device = _check_device(device)
+        # sizes checked before anything loads (parse_size takes its own output back unchanged)
+        memory_budget = None if memory_budget is None else parse_size(memory_budget)
+        gpu_memory_budget = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
         backend = backend or default_backend(self.device)
         kernels = get_backend(backend)  # imports numba before the baseline
         self.dense_bits = _dense_bits(dense_bits, self.device)
@@ -176,8 +179,10 @@ class Model:
     def _call(self, n_tokens: int, knobs: dict):
         """A request's Call and KV cache; records the model's stats when it ends."""
         if n_tokens > self.max_context:
+            limit = ("raise --max-context" if self.max_context < self.config.max_position_embeddings
+                     else f"this model takes at most {self.max_context} positions")
             raise UsageError(f"{n_tokens} tokens exceed the context of {self.max_context}; "
-                             "raise --max-context or shorten the prompt / --max-tokens")
+                             f"shorten the prompt or --max-tokens ({limit})")
         call = Call(BitRequest.make(**knobs))
         with self._step_lock:
             if self._calls == 0:
@@ -190,9 +195,16 @@ class Model:
             with self._step_lock:
                 self._calls -= 1
 
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
     def logits(self, token_ids, bits: int | None = None, **knobs) -> np.ndarray:
         """Full-sequence forward: logits [T, V] float32 for every position."""
-        ids = [int(t) for t in token_ids]
+        ids = self._check_ids(token_ids)
         with self._call(len(ids), {"bits": bits, **knobs}) as (call, kv, start):
             out = prefill(self._forward, ids, kv, call, self.prefill_chunk, all_logits=True).numpy()
             self.stats = {"prompt_tokens": len(ids), **call.stats.as_dict(),
@@ -207,6 +219,8 @@ class Model:
         """Yield new token ids one by one (prefill the prompt, then decode)."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
+        prompt_ids = self._check_ids(prompt_ids)
+        check_sampling(temperature, top_p, max_tokens)
         knobs = {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits, "wait": wait}
         with self._call(len(prompt_ids) + max_tokens, knobs) as (call, kv, start):
             gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import warnings
 
+from edge_moe import __version__
 from edge_moe.config import format_size
 from edge_moe.errors import EdgeMoeError
 
@@ -20,18 +24,25 @@ def _convert(args) -> None:
 
 def _run(args) -> None:
     from edge_moe.api import load
+    from edge_moe.runtime.bit_policy import BitRequest
+    from edge_moe.runtime.sampling import check_sampling
 
+    knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
+    check_sampling(args.temperature, args.top_p, args.max_tokens)  # before minutes of loading
+    BitRequest.make(**knobs)
     model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
                  backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
                  gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits)
     if model.memory_plan.budget is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
+    model.encode(args.prompt)  # a model file without a tokenizer is refused before the echo
     print(args.prompt, end="", flush=True)
-    knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
-    for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, **knobs):
-        print(piece, end="", flush=True)
-    print()
+    try:
+        for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, **knobs):
+            print(piece, end="", flush=True)
+    finally:
+        print(flush=True)  # an error goes on its own line, not after the echoed prompt
     if args.stats:
         _print_stats(model.stats)
     model.close()
@@ -51,6 +62,8 @@ def _inspect(args) -> None:
     from edge_moe.api import describe
 
     d = describe(args.model)
+    if args.verify:
+        _verify(d["path"])
     by_bits = d.pop("expert_bytes_by_bits")
     for key, value in d.items():
         print(f"{key:32s} {value:,}" if isinstance(value, int) else f"{key:32s} {value}")
@@ -60,8 +73,21 @@ def _inspect(args) -> None:
         print(f"  {bits} bits: experts {format_size(nbytes):>10s}   model {format_size(total):>10s}")
 
 
+def _verify(path: str) -> None:
+    """Every checksum of the file, with a progress bar; a mismatch is a FormatError naming the blob."""
+    from tqdm import tqdm
+
+    from edge_moe.format.container import Container
+
+    with Container(path) as c, tqdm(total=c.data_bytes(), unit="B", unit_scale=True, desc="verifying",
+                                    leave=False) as bar:
+        checked = c.verify_all(progress=bar.update)
+    print(f"{'checksums':32s} all match ({format_size(checked)} read)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-moe {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint dir into an .emoe file")
     c.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -103,12 +129,25 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")
     i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
     i.set_defaults(func=_inspect)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edge-moe: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _terminate(signum, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: a conversion removes its temporary file, compile children are killed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except EdgeMoeError as e:

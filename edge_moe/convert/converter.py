@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from edge_moe.convert.hf_source import HFCheckpoint
 from edge_moe.errors import CheckpointError, UsageError
 from edge_moe.format.container import ContainerWriter, plan
 from edge_moe.format.layout import ExpertLayout, build_layout, pack_expert
-from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize
+from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, WORD_BITS, quantize
 from edge_moe.model.adapters import Adapter, get_adapter
 from edge_moe.model.weights import dense_shapes, expert_shapes
 
@@ -72,6 +73,13 @@ def _bf16_bytes(t: torch.Tensor) -> bytes:
 
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory; give a Hugging Face checkpoint folder (config.json, "
+                         "*.safetensors)")
+    if dst.is_dir():
+        raise UsageError(f"{dst} is a directory; give the output file's name, e.g. {dst / 'model.emoe'}")
+    if not dst.parent.is_dir():
+        raise UsageError(f"the folder {dst.parent} does not exist; create it or write elsewhere")
     if dst.exists() and not force:
         raise UsageError(f"{dst} exists; pass --force to overwrite it")
     if dst.resolve().is_relative_to(src.resolve()):
@@ -96,6 +104,9 @@ def convert(src: str | Path, dst: str | Path, scheme: str = DEFAULT_SCHEME, grou
     src, dst = Path(src), Path(dst)
     if scheme not in SCHEMES:
         raise UsageError(f"--scheme {scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+    if group <= 0 or group % WORD_BITS:
+        raise UsageError(f"--group {group}: the group size must be a positive multiple of {WORD_BITS} "
+                         "(default 128)")
     _check_paths(src, dst, force)
     ckpt = HFCheckpoint(src)
     adapter = get_adapter(ckpt.config.get("model_type"))
@@ -104,6 +115,10 @@ def convert(src: str | Path, dst: str | Path, scheme: str = DEFAULT_SCHEME, grou
     experts = {li: _expert_names(ckpt, adapter, cfg, li) for li in cfg.moe_layers}
     layout = build_layout(expert_shapes(cfg), scheme, group)
     files = {n: (src / n).read_bytes() for n in CARRIED_FILES if (src / n).is_file()}
+    if "tokenizer.json" not in files:
+        warnings.warn(f"{src} has no tokenizer.json: the model file will take token ids only (Python API), "
+                      "not text (`edge-moe run --prompt`)", NoTokenizerWarning, stacklevel=2)
+    _remove_stale_temps(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     writer = ContainerWriter(tmp, _manifest(ckpt, cfg, dense, layout, files))
     try:
@@ -114,6 +129,28 @@ def convert(src: str | Path, dst: str | Path, scheme: str = DEFAULT_SCHEME, grou
         writer.close()
         tmp.unlink(missing_ok=True)
     return dst
+
+
+class NoTokenizerWarning(UserWarning):
+    """The checkpoint carries no tokenizer: the model file takes token ids only."""
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Temporary files of earlier conversions to dst whose process is gone (killed with SIGKILL)."""
+    for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_all(writer, ckpt, cfg, dense, experts, layout, files, progress) -> None:

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from edge_moe.errors import CheckpointError
 
@@ -40,10 +40,14 @@ class HFCheckpoint:
         for name in self._shard_files():
             if not (self.path / name).is_file():
                 raise CheckpointError(f"{self.path}: shard {name} named in the index is missing")
-            with safe_open(self.path / name, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    meta[key] = (name, tuple(sl.get_shape()), sl.get_dtype())
+            try:
+                with safe_open(self.path / name, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        meta[key] = (name, tuple(sl.get_shape()), sl.get_dtype())
+            except (SafetensorError, OSError) as e:  # truncated, corrupt or unreadable
+                raise CheckpointError(f"{self.path / name} cannot be read as safetensors ({e}); is the file "
+                                      "complete?") from None
         return meta
 
     def has(self, name: str) -> bool:

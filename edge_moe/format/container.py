@@ -152,6 +152,10 @@ class Container:
         # cache the model file: direct I/O where the buffers allow it, else reads followed by advice
         # to forget the pages; and what was cached before is dropped at open.
         self.drop_page_cache = drop_page_cache
+        if self.path.is_dir():
+            hint = (f": it looks like a Hugging Face checkpoint, convert it first with `edge-moe convert "
+                    f"{self.path} model.emoe`" if (self.path / "config.json").is_file() else "")
+            raise FormatError(f"{self.path} is a directory, not an .emoe model file{hint}")
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -267,6 +271,29 @@ class Container:
         for k in range(first, last + 1):
             self._verify(buf[self._level_start(k):self._level_ends[k - 1]], crcs[k - 1],
                          f"expert {expert} of layer {layer}, level {k}")
+
+    def data_bytes(self) -> int:
+        """Bytes of blob data (what verify_all reads, plus alignment)."""
+        return int(self.manifest["data_end"])
+
+    def verify_all(self, progress=None) -> int:
+        """Read every blob and check its checksum (FormatError at the first mismatch); returns the bytes
+        checked. progress(nbytes) is called after each blob."""
+        checked, m = 0, self.manifest
+        blobs = [(e["offset"], e["nbytes"], e["crc32"], f"file {n}") for n, e in m["files"].items()]
+        blobs += [(e["offset"], e["nbytes"], e["crc32"], f"tensor {n}") for n, e in m["dense"].items()]
+        for layer, row in self._rows.items():
+            for expert, offset in enumerate(m["experts"]["offsets"][row]):
+                for level, crc in enumerate(m["experts"]["crc32"][row][expert], start=1):
+                    start = self._level_start(level)
+                    blobs.append((offset + start, self._level_ends[level - 1] - start, crc,
+                                  f"expert {expert} of layer {layer}, level {level}"))
+        for offset, nbytes, crc, what in blobs:
+            self._verify(self._read(offset, nbytes), crc, what)
+            checked += nbytes
+            if progress is not None:
+                progress(nbytes)
+        return checked
 
     def close(self) -> None:
         for fd in (self._fd, self._direct_fd):

@@ -35,6 +35,9 @@ class BitRequest:
         if bits is not None:
             _check("bits", bits)
             return cls(bits=int(bits), min_bits=int(bits), max_bits=int(bits), wait=True)
+        if quality is None and (min_bits is not None or max_bits is not None):
+            raise UsageError("--min-bits and --max-bits bound the widths --quality picks; give --quality too, "
+                             "or --bits for one width")
         lo, hi = int(min_bits or BASE_BITS), int(max_bits or MAX_BITS)
         _check("min_bits", lo), _check("max_bits", hi)
         if lo > hi:

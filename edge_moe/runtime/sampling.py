@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from edge_moe.errors import UsageError
+
+
+def check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
+    """Refuse sampling values that have no meaning (a negative temperature, a top_p outside (0, 1])."""
+    if not temperature >= 0:  # also NaN
+        raise UsageError(f"--temperature {temperature}: use 0 (greedy) or a positive value")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: use a value in (0, 1] (1 keeps every token)")
+    if int(max_tokens) < 0:
+        raise UsageError(f"--max-tokens {max_tokens}: use 0 or more")
+
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> int:

@@ -4,7 +4,9 @@ entry points a model uses are compiled, two children at a time where there are t
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ MAX_CHILDREN = 2  # the experts group alone is about half of everything: a third
 CHILD = ("import sys; sys.path.insert(0, {root!r}); "
          "from edge_moe.runtime.warm import call_groups; call_groups({groups!r})")
 POLL_S = 0.5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def groups_for(backend: str, dense_bits: int, resident_forms: bool) -> tuple[str, ...]:
@@ -108,6 +111,15 @@ class _Progress:
               flush=True)
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: Linux kills it when this process dies, however it dies (SIGKILL
+    included); elsewhere the parent's cleanup on exit has to do."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _compile_in_children(names: list[str]) -> str | None:
     """Compile the groups into numba's cache in child processes; None, or why it failed."""
     # the children must compile these very files, whatever their working directory holds (a source
@@ -116,7 +128,7 @@ def _compile_in_children(names: list[str]) -> str | None:
     shares = _share_out(names, min(MAX_CHILDREN, _cores()))
     logs = [tempfile.TemporaryFile("w+") for _ in shares]  # a pipe could fill and stall a child
     children = [subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, groups=share)],
-                                 stdout=subprocess.DEVNULL, stderr=log)
+                                 stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent)
                 for share, log in zip(shares, logs, strict=True)]
     progress = _Progress(len(names))
     try:

@@ -8,6 +8,7 @@ import pytest
 
 import edge_moe
 from edge_moe.api import DEMO_MODEL
+from edge_moe.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="demo model not built into the package")
 PROMPT = "def main():\n    "
@@ -50,10 +51,38 @@ def test_cli_inspect():
     (("run", "--prompt", "x", "--memory-budget", "6XB"), "cannot read size '6XB'"),
     (("run", "missing.emoe", "--prompt", "x"), "cannot open model file missing.emoe"),
     (("inspect", "README.md"), "not an edge-moe model file"),
+    (("run", "--prompt", "x", "--max-tokens", "-1"), "--max-tokens -1: use 0 or more"),
+    (("run", "--prompt", "x", "--top-p", "0"), "--top-p 0.0: use a value in (0, 1]"),
+    (("run", "--prompt", "x", "--top-p", "5"), "--top-p 5.0: use a value in (0, 1]"),
+    (("run", "--prompt", "x", "--temperature", "-1"), "--temperature -1.0: use 0 (greedy) or a positive"),
+    (("run", "--prompt", "x", "--min-bits", "3"), "give --quality too, or --bits for one width"),
+    (("run", str(DEMO_MODEL.parent), "--prompt", "x"), "is a directory, not an .emoe model file"),
 ])
 def test_cli_bad_input_gives_clear_error(args, message):
     r = cli(*args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""  # refused before the prompt is echoed
+
+
+def test_cli_version_and_inspect_verify(tmp_path):
+    assert cli("--version").stdout.strip() == f"edge-moe {edge_moe.__version__}"
+    r = cli("inspect", "--verify")
+    assert r.returncode == 0 and "all match" in r.stdout, r.stderr
+    bad = tmp_path / "bad.emoe"
+    data = bytearray(DEMO_MODEL.read_bytes())
+    data[-5000] ^= 0xFF  # inside the last expert's last level
+    bad.write_bytes(bytes(data))
+    assert cli("inspect", str(bad)).returncode == 0  # the header and manifest are intact
+    r = cli("inspect", str(bad), "--verify")
+    assert r.returncode == 2 and "checksum mismatch in expert" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+    for ids in ([-1], [model.config.vocab_size]):
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            model.logits(ids)
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            list(model.generate_ids(ids, max_tokens=1))
 
 
 def test_generate_is_deterministic_and_stream_matches(model):

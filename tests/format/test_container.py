@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import edge_moe
 from edge_moe.convert import convert
+from edge_moe.convert.converter import NoTokenizerWarning
 from edge_moe.errors import CheckpointError, FormatError, UnsupportedArchitecture, UsageError
 from edge_moe.format.container import Container
 from tests.model.tiny import save_tiny
@@ -166,3 +169,55 @@ def test_direct_reads_land_the_same_bytes(tmp_path, monkeypatch):
             assert fds == [direct._direct_fd]
             got = b"".join(arena.data[c, :n].tobytes() for c, n in enumerate(sizes))
             assert got == plain.read_expert(0, expert, len(sizes) - 1).tobytes()
+
+
+@pytest.mark.parametrize("dst, group, message", [
+    ("out.emoe", 7, "--group 7: the group size must be a positive multiple of 64"),
+    ("missing/out.emoe", 64, "the folder .*missing does not exist"),
+    (".", 64, "is a directory; give the output file's name"),
+])
+def test_bad_output_or_group_is_refused_before_writing(hf_dir, tmp_path, dst, group, message):
+    with pytest.raises(UsageError, match=message):
+        convert(hf_dir, tmp_path / dst, group=group, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_safetensors_shard_is_named(hf_dir, tmp_path):
+    src = _edited_copy(hf_dir, tmp_path, lambda t: None)
+    shard = src / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read as safetensors .* complete"):
+        convert(src, tmp_path / "out.emoe", progress=False)
+
+
+def test_a_checkpoint_without_tokenizer_converts_with_a_warning(hf_dir, tmp_path):
+    with pytest.warns(NoTokenizerWarning, match="no tokenizer.json: the model file will take token ids only"):
+        convert(hf_dir, tmp_path / "out.emoe", group=64, progress=False)
+
+
+def test_temporaries_of_dead_conversions_are_removed(hf_dir, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale = tmp_path / f".out.emoe.tmp-{dead}"
+    live = tmp_path / f".out.emoe.tmp-{os.getppid()}"  # a running process's (pytest's parent)
+    other = tmp_path / f".other.emoe.tmp-{dead}"  # another output's: not this conversion's to judge
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 100)
+    convert(hf_dir, tmp_path / "out.emoe", group=64, progress=False)
+    assert not stale.exists() and live.exists() and other.exists() and (tmp_path / "out.emoe").is_file()
+
+
+def test_verify_all_reads_every_blob_and_names_a_flipped_byte(emoe):
+    with Container(emoe) as c:
+        assert c.verify_all() > 0.9 * c.data_bytes()
+        expert_end = c.data_offset + c.manifest["experts"]["offsets"][0][1] + c.expert_nbytes(7)
+    data = bytearray(emoe.read_bytes())
+    data[expert_end - 10] ^= 1  # the last level of expert 1 of the first MoE layer
+    emoe.write_bytes(bytes(data))
+    with Container(emoe) as c, pytest.raises(FormatError, match="mismatch in expert 1 of layer 0, level 7"):
+        c.verify_all()
+
+
+def test_run_on_a_checkpoint_dir_says_convert_it(hf_dir):
+    with pytest.raises(FormatError, match="is a directory, not an .emoe model file: .* `edge-moe convert"):
+        edge_moe.load(hf_dir)

@@ -129,9 +129,12 @@ def test_bad_knobs_are_refused(wide_model):
     with edge_moe.load(wide_model) as m:
         for knobs, message in [({"bits": 4, "quality": 0.5}, "either bits or quality"),
                                ({"quality": 1.5}, "quality=1.5 is out of range"),
-                               ({"min_bits": 6, "max_bits": 4}, "min_bits=6 is above max_bits=4")]:
+                               ({"quality": 0.5, "min_bits": 6, "max_bits": 4}, "min_bits=6 is above"),
+                               ({"min_bits": 3}, "give --quality too"),
+                               ({"temperature": -1}, "--temperature -1"), ({"top_p": 0}, "--top-p 0"),
+                               ({"max_tokens": -2}, "--max-tokens -2")]:
             with pytest.raises(UsageError, match=message):
-                list(m.generate_ids([1, 2, 3], max_tokens=2, **knobs))
+                list(m.generate_ids([1, 2, 3], **{"max_tokens": 2, **knobs}))
 
 
 def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
