@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from edge_moe.config import ModelConfig, format_size, parse_size
-from edge_moe.errors import BudgetError, FormatError, UsageError
+from edge_moe.errors import BudgetError, BudgetWarning, FormatError, UsageError
 from edge_moe.format.container import Container
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
@@ -129,6 +130,7 @@ class Model:
         self.stats: dict = {}
         self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
         self._calls = 0  # calls in flight: the peak RSS counter is reset only when none is
+        self._warned_degraded = False
 
     def _plan(self, memory_budget, gpu_memory_budget, dense: dict, baseline: int) -> MemoryPlan:
         """The host plan; on cuda the cache lives in VRAM, sized by --gpu-memory-budget (or every chunk)."""
@@ -207,6 +209,7 @@ class Model:
         ids = self._check_ids(token_ids)
         with self._call(len(ids), {"bits": bits, **knobs}) as (call, kv, start):
             out = prefill(self._forward, ids, kv, call, self.prefill_chunk, all_logits=True).numpy()
+            self._warn_if_degraded(call)
             self.stats = {"prompt_tokens": len(ids), **call.stats.as_dict(),
                           "bytes_read": self.reader.bytes_read - start["bytes"], "peak_rss": self.rss.peak,
                           "peak_rss_process": self.rss.process_peak}
@@ -233,8 +236,20 @@ class Model:
                 yield token
             self._record(call, start, len(prompt_ids), new, t1 - t0, time.perf_counter() - t1)
 
+    def _warn_if_degraded(self, call: Call) -> None:
+        """Once per model: a request that waits for its widths (fixed bits, the default) ran some experts
+        narrower because the cache had no room for them. (A --quality request computes with what is
+        resident when late, by design; its stats say how often.)"""
+        what = call.stats.degradation()
+        if what and call.request.wait and not self._warned_degraded:
+            self._warned_degraded = True
+            warnings.warn(f"the memory budget is too small for the widths asked: {what}; raise --memory-budget "
+                          "or ask fewer bits (--bits, --quality) to choose the trade yourself",
+                          BudgetWarning, stacklevel=3)
+
     def _record(self, call: Call, start: dict, prompt: int, new: int, prefill_s: float,
                 decode_s: float) -> None:
+        self._warn_if_degraded(call)
         read = self.reader.bytes_read - start["bytes"]
         self.stats = {"prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
                       # the first new token comes from the prefill's logits: n tokens, n - 1 decode steps

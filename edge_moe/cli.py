@@ -37,12 +37,16 @@ def _run(args) -> None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     model.encode(args.prompt)  # a model file without a tokenizer is refused before the echo
     print(args.prompt, end="", flush=True)
-    try:
-        for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed, **knobs):
-            print(piece, end="", flush=True)
-    finally:
-        print(flush=True)  # an error goes on its own line, not after the echoed prompt
+    with warnings.catch_warnings(record=True) as caught:  # shown after the text, not inside it
+        warnings.simplefilter("default")
+        try:
+            for piece in model.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed, **knobs):
+                print(piece, end="", flush=True)
+        finally:
+            print(flush=True)  # an error goes on its own line, not after the echoed prompt
+            for w in caught:
+                _one_line_warning(w.message, w.category, w.filename, w.lineno)
     if args.stats:
         _print_stats(model.stats)
     model.close()

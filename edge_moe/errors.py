@@ -23,3 +23,7 @@ class BudgetError(EdgeMoeError):
 
 class UsageError(EdgeMoeError):
     """A flag or argument has a bad value."""
+
+
+class BudgetWarning(UserWarning):
+    """The memory budget made the runtime do less than asked (narrower experts)."""

@@ -2,16 +2,18 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import edge_moe
-from edge_moe.errors import BudgetError, UsageError
+from edge_moe.errors import BudgetError, BudgetWarning, UsageError
 from edge_moe.format.nested import MAX_BITS
 from edge_moe.model.layers import KVCache, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
@@ -198,3 +200,30 @@ def test_peak_rss_sees_a_short_spike_and_resets(kernel_counter, monkeypatch):
     rss.reset()
     assert rss.peak < base + 100 * 2**20
     rss.stop()
+
+
+def load_near_minimum(path, extra: int):
+    """A model loaded under its minimum budget (as the refusal states it) plus `extra` bytes; retried,
+    since this process's own RSS, part of the minimum, creeps up from load to load."""
+    budget = 10**6
+    for _ in range(5):
+        try:
+            return edge_moe.load(path, memory_budget=budget)
+        except BudgetError as e:
+            budget = int(float(re.search(r"the ([\d.]+) MB minimum", str(e)).group(1)) * 10**6) + extra
+    raise AssertionError("the budget's minimum kept moving")
+
+
+def test_a_budget_that_narrows_asked_widths_says_so_once(wide_model):
+    prompt = list(range(3, 43))
+    with load_near_minimum(wide_model, 3 * 10**6) as m:  # experts take 21 MB at 8 bits
+        with pytest.warns(BudgetWarning, match=r"ran below the width asked \(mean [2-7]\.\d+ bits, 8.00"):
+            list(m.generate_ids(prompt, max_tokens=8))  # the default: 8 bits
+        assert m.stats["degraded_pairs"] > 0 and m.stats["wanted_mean_bits"] == 8
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            list(m.generate_ids(prompt, max_tokens=8))  # once per model
+    with load_near_minimum(wide_model, 3 * 10**6) as m, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quality request computes with what is resident: by design
+        list(m.generate_ids(prompt, max_tokens=8, quality=0.5))
+        assert m.stats["degraded_pairs"] > 0
