@@ -129,7 +129,7 @@ class Model:
         self.decoder = Decoder(cfg, dense, self.pipeline)
         self.stats: dict = {}
         self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
-        self._calls = 0  # calls in flight: the peak RSS counter is reset only when none is
+        self._calls = 0  # calls in flight: a request's peak RSS restarts only when none is
         self._warned_degraded = False
 
     def _plan(self, memory_budget, gpu_memory_budget, dense: dict, baseline: int) -> MemoryPlan:
@@ -175,7 +175,9 @@ class Model:
 
     def _forward(self, ids: torch.Tensor, kv: KVCache, call: Call, all_logits: bool = False) -> torch.Tensor:
         with self._step_lock:
-            return self.decoder.forward(ids, kv, call, all_logits)
+            out = self.decoder.forward(ids, kv, call, all_logits)
+            self.rss.sample()
+            return out
 
     @contextmanager
     def _call(self, n_tokens: int, knobs: dict):
@@ -188,7 +190,7 @@ class Model:
         call = Call(BitRequest.make(**knobs))
         with self._step_lock:
             if self._calls == 0:
-                self.rss.reset()
+                self.rss.start()
             self._calls += 1
             start = {"bytes": self.reader.bytes_read, "read_s": self.reader.read_seconds}
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from dataclasses import dataclass, replace
 
@@ -110,41 +111,47 @@ def trim_heap() -> None:
 
 
 class PeakRss:
-    """This process's peak RSS since `reset()`. On Linux it is the kernel's own high-water mark
-    (VmHWM, reset through /proc/self/clear_refs): exact and free. Elsewhere a thread samples RSS
-    every `interval` seconds (a sampler on a 2-core machine preempted the kernels' threads and cost
-    ~10% of decode speed, hence the kernel's counter where there is one)."""
+    """Peak RSS of the process, and of the current request. The process's is the kernel's high-water
+    mark (VmHWM, what `/usr/bin/time -v` and getrusage report), never reset. A request's: the process's
+    mark when the request raised it, else the largest RSS sampled at its steps (`sample()`). Where the
+    kernel keeps no mark, a thread samples RSS every `interval` seconds for both (on a 2-core machine
+    it preempted the kernels' threads and cost ~10% of decode speed, hence the kernel's counter)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
-        self._before = _process_peak()  # the process's peak before the first reset
-        self._hwm = _can_reset_hwm()
-        self._sampled = current_rss()
+        self._hwm = _has_hwm()
+        self._process = current_rss()  # the sampler's process peak (no VmHWM)
+        self._mark, self._sampled = self.process_peak, current_rss()
         self._stop = threading.Event()
         self._thread = None
         if not self._hwm:
             self._thread = threading.Thread(target=self._run, name="edge-moe-rss", daemon=True)
             self._thread.start()
 
-    @property
-    def peak(self) -> int:
-        return _read_hwm() if self._hwm else self._sampled
-
     def _run(self) -> None:
         proc = psutil.Process()
         while not self._stop.wait(self.interval):
-            self._sampled = max(self._sampled, proc.memory_info().rss)
+            rss = proc.memory_info().rss
+            self._sampled, self._process = max(self._sampled, rss), max(self._process, rss)
 
     @property
     def process_peak(self) -> int:
-        """Peak RSS since the process started (all resets folded in)."""
-        return max(self._before, self.peak)
+        """Peak RSS since the process started."""
+        return _read_hwm() if self._hwm else self._process
 
-    def reset(self) -> None:
-        self._before = self.process_peak
-        if self._hwm:
-            _reset_hwm()
-        self._sampled = current_rss()
+    @property
+    def peak(self) -> int:
+        """Peak RSS since `start()`: exact when the request set the process's peak, else sampled."""
+        process = self.process_peak
+        return process if process > self._mark else self._sampled
+
+    def start(self) -> None:
+        """A request begins: its peak counts from now."""
+        self._mark, self._sampled = self.process_peak, current_rss()
+
+    def sample(self) -> None:
+        """Fold the RSS of now into the request's peak (between forward steps: ~10 us from /proc)."""
+        self._sampled = max(self._sampled, _statm_rss())
 
     def stop(self) -> int:
         self._stop.set()
@@ -161,21 +168,21 @@ def _read_hwm() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def _process_peak() -> int:
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _statm_rss() -> int:
     try:
-        return _read_hwm()
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
     except OSError:
         return current_rss()
 
 
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS counter to the current RSS (Linux >= 4.0)
-
-
-def _can_reset_hwm() -> bool:
+def _has_hwm() -> bool:
     try:
-        _reset_hwm()
         return _read_hwm() > 0
     except OSError:
         return False
+
+
