@@ -21,7 +21,7 @@ from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
-from edge_moe.model.load import dense_weights, eos_ids, read_model, tokenizer
+from edge_moe.model.load import dense_nbytes, dense_weights, eos_ids, read_model, tokenizer
 from edge_moe.model.packed import check_dense_bits
 from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
@@ -113,10 +113,12 @@ class Model:
         self.tokenizer = tokenizer(self.container)
         self.eos_ids = eos_ids(self.container, self.tokenizer)
         eviction, speculative, keep = _streaming(streaming)
+        # the plan, and a refusal, come before the first weight is read (dense sizes from the manifest)
+        dense_bytes = dense_nbytes(self.container, dense_dtype, self.dense_bits)
+        self.memory_plan = self._plan(memory_budget, gpu_memory_budget, dense_bytes, baseline).decide(
+            speculative, keep, resident_forms and self.device.type == "cpu")
         dense = dense_weights(self.container, dense_dtype, self.dense_bits, kernels)
         trim_heap()
-        self.memory_plan = self._plan(memory_budget, gpu_memory_budget, dense, baseline).decide(
-            speculative, keep, resident_forms and self.device.type == "cpu")
         if self.device.type == "cuda":
             dense = {k: v.to(self.device) for k, v in dense.items()}
         self.cache = self._cache(kernels, eviction)
@@ -132,10 +134,9 @@ class Model:
         self._calls = 0  # calls in flight: a request's peak RSS restarts only when none is
         self._warned_degraded = False
 
-    def _plan(self, memory_budget, gpu_memory_budget, dense: dict, baseline: int) -> MemoryPlan:
+    def _plan(self, memory_budget, gpu_memory_budget, dense_bytes: int, baseline: int) -> MemoryPlan:
         """The host plan; on cuda the cache lives in VRAM, sized by --gpu-memory-budget (or every chunk)."""
         cfg, kv = self.config, KVCache.bytes_for(self.config, self.max_context)
-        dense_bytes = sum(t.nbytes for t in dense.values())
         budget = None if memory_budget is None else parse_size(memory_budget)
         plan = plan_memory(budget, cfg, dense_bytes, kv, self.layout.unit_bytes, self.prefill_chunk,
                            self.max_context, baseline)

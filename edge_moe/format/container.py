@@ -211,12 +211,34 @@ class Container:
 
     def read_dense(self, name: str) -> np.ndarray:
         """Raw bytes (uint8) of a dense tensor, checksum-verified."""
-        entry = self.manifest["dense"].get(name)
-        if entry is None:
-            raise FormatError(f"{self.path}: dense tensor {name!r} is missing")
+        entry = self._dense_entry(name)
         data = self._read(entry["offset"], entry["nbytes"])
         self._verify(data, entry["crc32"], f"tensor {name}")
         return data
+
+    def verify_dense(self, name: str, chunk: int = 16 * 2**20) -> None:
+        """Check a dense tensor's checksum reading it a chunk at a time (memory stays at one chunk)."""
+        entry = self._dense_entry(name)
+        crc, buf = 0, np.empty(min(chunk, entry["nbytes"]), np.uint8)
+        for pos in range(0, entry["nbytes"], chunk):
+            n = min(chunk, entry["nbytes"] - pos)
+            crc = crc32(self._read(entry["offset"] + pos, n, buf), crc)
+        if f"{crc & 0xFFFFFFFF:08x}" != entry["crc32"]:
+            raise FormatError(f"{self.path}: checksum mismatch in tensor {name}; the file is corrupt, "
+                              "convert the checkpoint again")
+
+    def read_dense_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Bytes [start, stop) of a dense tensor, unverified (verify_dense checks the whole)."""
+        entry = self._dense_entry(name)
+        if not 0 <= start <= stop <= entry["nbytes"]:
+            raise FormatError(f"{self.path}: bytes {start}..{stop} lie outside tensor {name}")
+        return self._read(entry["offset"] + start, stop - start)
+
+    def _dense_entry(self, name: str) -> dict:
+        entry = self.manifest["dense"].get(name)
+        if entry is None:
+            raise FormatError(f"{self.path}: dense tensor {name!r} is missing")
+        return entry
 
     def expert_nbytes(self, levels: int) -> int:
         return self._level_ends[levels - 1]

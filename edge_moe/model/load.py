@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -11,7 +12,7 @@ from edge_moe.config import ModelConfig
 from edge_moe.errors import FormatError
 from edge_moe.format.container import Container
 from edge_moe.format.layout import ExpertLayout, build_layout
-from edge_moe.model.packed import pack_linear, packs
+from edge_moe.model.packed import pack_linear, packed_nbytes, packs
 from edge_moe.model.weights import expert_shapes, qkv_part
 
 
@@ -26,25 +27,69 @@ def read_model(container: Container) -> tuple[ModelConfig, ExpertLayout]:
     return cfg, layout
 
 
+class _FileRows:
+    """A 2-D dense matrix in the file, read a block of rows at a time (what pack_linear slices): one
+    tensor, or a layer's q, k and v stacked. Each part's checksum is verified first, a chunk at a time,
+    so no moment of loading holds a whole bf16 matrix."""
+
+    def __init__(self, container: Container, names: list[str]):
+        self.container, self.names = container, names
+        shapes = [container.manifest["dense"][n]["shape"] for n in names]
+        self.starts = np.cumsum([0] + [s[0] for s in shapes])
+        self.shape = (int(self.starts[-1]), int(shapes[0][1]))
+        for name in names:
+            container.verify_dense(name)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        r0, r1, _ = rows.indices(self.shape[0])
+        pieces, row_bytes = [], 2 * self.shape[1]
+        for name, lo, hi in zip(self.names, self.starts[:-1], self.starts[1:], strict=True):
+            a, b = max(r0, lo), min(r1, hi)
+            if a < b:
+                raw = self.container.read_dense_range(name, int(a - lo) * row_bytes, int(b - lo) * row_bytes)
+                pieces.append(torch.from_numpy(raw).view(torch.bfloat16).reshape(b - a, self.shape[1]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _fused_names(container: Container) -> dict[str, list[str]]:
+    """Each tensor the model holds and the file tensors it is made of (a layer's q, k, v: one qkv)."""
+    fused: dict[str, list[str]] = {}
+    for name in container.manifest["dense"]:
+        part = qkv_part(name)
+        fused.setdefault(part[0] if part else name, []).append(name)
+    return fused
+
+
+def dense_nbytes(container: Container, dtype: torch.dtype, bits: int) -> int:
+    """What dense_weights will hold, from the manifest alone (the plan is made before the first weight)."""
+    total, dense = 0, container.manifest["dense"]
+    for name, parts in _fused_names(container).items():
+        shape = [sum(dense[p]["shape"][0] for p in parts), *dense[parts[0]]["shape"][1:]]
+        numel = int(np.prod(shape))
+        if bits < 16 and packs(name):
+            total += packed_nbytes((shape[0], shape[1]), bits)
+        else:
+            total += numel * (4 if name.endswith(".router") else dtype.itemsize)
+    return total
+
+
 def dense_weights(container: Container, dtype: torch.dtype, bits: int, backend) -> dict:
-    """Dense tensors in `dtype`; with bits < 16 the embedding, projections and LM head are packed one
-    by one as they are read. A layer's q, k and v (and their biases) become one `qkv` tensor. Routers
-    are float32: their top-k decides everything downstream, and a float32 GEMV of [E, D] is ~4x
-    faster on the cpu than torch's bf16 one."""
-    out, parts = {}, {}
-    for name, entry in container.manifest["dense"].items():
-        raw = torch.from_numpy(container.read_dense(name)).view(torch.bfloat16).reshape(entry["shape"])
-        if (part := qkv_part(name)) is not None:
-            name, i = part
-            parts.setdefault(name, {})[i] = raw
-            if len(parts[name]) < 3:
-                continue
-            group = parts.pop(name)
-            raw = torch.cat([group[j] for j in range(3)])
-        out[name] = (pack_linear(raw, bits, backend) if bits < 16 and packs(name)
-                     else raw.float() if name.endswith(".router") else raw.to(dtype))
-    if parts:
-        raise FormatError(f"{container.path}: {', '.join(parts)} lack one of q, k and v")
+    """Dense tensors in `dtype`; with bits < 16 the embedding, projections and LM head are packed as
+    they are read, a block of rows at a time. A layer's q, k and v (and their biases) become one `qkv`
+    tensor. Routers are float32: their top-k decides everything downstream, and a float32 GEMV of
+    [E, D] is ~4x faster on the cpu than torch's bf16 one."""
+    out = {}
+    for name, parts in _fused_names(container).items():
+        if len(parts) not in (1, 3):
+            raise FormatError(f"{container.path}: {name} lacks one of q, k and v")
+        parts = sorted(parts, key=lambda p: qkv_part(p)[1]) if len(parts) == 3 else parts
+        if bits < 16 and packs(name):
+            out[name] = pack_linear(_FileRows(container, parts), bits, backend)
+            continue
+        raws = [torch.from_numpy(container.read_dense(p)).view(torch.bfloat16)
+                .reshape(container.manifest["dense"][p]["shape"]) for p in parts]
+        raw = raws[0] if len(raws) == 1 else torch.cat(raws)
+        out[name] = raw.float() if name.endswith(".router") else raw.to(dtype)
     return out
 
 

@@ -100,9 +100,18 @@ class NibbleLinear(ByteLinear):
         return nibbles_to_bytes(self.codes[i])
 
 
-def pack_codes(w: torch.Tensor, bits: int, backend) -> ByteLinear:
-    """Quantize W [O, N] to 8-bit byte codes (ByteLinear) or their top 4 bits as nibbles (NibbleLinear),
-    block of rows by block."""
+def packed_nbytes(shape: tuple[int, int], bits: int) -> int:
+    """Bytes of W [O, N] once packed at `bits` (pack_linear's result)."""
+    o, n = shape
+    if bits in (4, 8):
+        ng = -(-n // GROUP)
+        return o * ng * GROUP * bits // 8 + 2 * o * ng * 4  # codes, float32 scale and minimum
+    return build_layout({"w": (o, n)}, SCHEME, GROUP).bytes_for_bits(bits)
+
+
+def pack_codes(w, bits: int, backend) -> ByteLinear:
+    """Quantize W [O, N] (a tensor, or anything with .shape whose row slices are tensors) to 8-bit byte
+    codes (ByteLinear) or their top 4 bits as nibbles (NibbleLinear), block of rows by block."""
     o, n = w.shape
     ng = -(-n // GROUP)
     codes = np.zeros((o, ng * GROUP * bits // 8), np.uint8)
@@ -127,7 +136,7 @@ def _by_row_blocks(rows: int, pack_block) -> None:
         list(pool.map(pack_block, range(0, rows, ROWS_PER_BLOCK)))
 
 
-def pack_linear(w: torch.Tensor, bits: int, backend) -> PackedLinear:
+def pack_linear(w, bits: int, backend) -> PackedLinear:
     """Quantize W [O, N] block of rows by block: codes at 4 and 8 bits, else a buffer holding `bits`
     chunks of nested planes."""
     if bits in (4, 8):

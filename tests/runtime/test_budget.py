@@ -21,7 +21,7 @@ from edge_moe.runtime.warm import prepare
 
 CHILD = """
 import json, resource, subprocess, sys
-child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+child = subprocess.run([sys.executable, "-c", *sys.argv[1:]], capture_output=True, text=True)
 print(json.dumps({"rc": child.returncode, "out": child.stdout, "err": child.stderr[-2000:],
                   "maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
@@ -235,3 +235,54 @@ def test_a_budget_that_narrows_asked_widths_says_so_once(wide_model):
         warnings.simplefilter("error")  # a quality request computes with what is resident: by design
         list(m.generate_ids(prompt, max_tokens=8, quality=0.5))
         assert m.stats["degraded_pairs"] > 0
+
+
+@pytest.fixture(scope="module")
+def big_vocab_model(tmp_path_factory):
+    """qwen3_moe with a 32k vocabulary: 65 MB of bf16 embedding and LM head, a few MB of experts."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from edge_moe.convert import convert
+
+    d = tmp_path_factory.mktemp("vocab")
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=32000, hidden_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=256, intermediate_size=256, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d / "hf")
+    return convert(d / "hf", d / "vocab.emoe", progress=False)
+
+
+@pytest.mark.parametrize("dense_bits", [4, 6, 8, 16])
+def test_the_plan_knows_the_dense_bytes_before_reading_them(big_vocab_model, dense_bits):
+    from edge_moe.model.load import dense_nbytes
+
+    with edge_moe.load(big_vocab_model, dense_bits=dense_bits, max_context=256) as m:
+        held = sum(t.nbytes for t in m.decoder.w.values())
+        assert dense_nbytes(m.container, torch.bfloat16, dense_bits) == held == m.memory_plan.dense
+
+
+REFUSED = """
+import json, sys, edge_moe
+from edge_moe.errors import BudgetError
+from edge_moe.runtime.memory import current_rss
+from edge_moe.runtime.warm import groups_for, prepare
+prepare(groups_for("cpu", 8, True))
+budget = current_rss() + 25 * 10**6  # under the dense part alone (33 MB at 8 bits)
+try:
+    edge_moe.load(sys.argv[1], memory_budget=budget, max_context=256)
+    print(json.dumps({"refused": False}))
+except BudgetError as e:
+    print(json.dumps({"refused": True, "budget": budget, "message": str(e)}))
+"""
+
+
+def test_a_refused_budget_is_never_exceeded_on_the_way(big_vocab_model):
+    prepare()  # a warm kernel cache: no compile child for wait4's maxrss to count
+    r = json.loads(subprocess.run([sys.executable, "-c", CHILD, REFUSED, str(big_vocab_model)],
+                                  capture_output=True, text=True, timeout=600).stdout)
+    assert r["rc"] == 0, r["err"]
+    out = json.loads(r["out"])
+    assert out["refused"] and "below the" in out["message"]
+    assert r["maxrss"] <= out["budget"], (r["maxrss"], out)  # refused before the weights were read
