@@ -10,7 +10,7 @@ from numba import njit, prange
 QK_NORMS = {"none": 0, "head": 1, "full": 2}  # ModelConfig.qk_norm -> the kernel's code
 
 
-@njit
+@njit(inline='always')
 def _rms(x, w, eps):
     """x * w / sqrt(mean(x^2) + eps) in place (x, w float32 of one length)."""
     s = np.float32(0.0)
@@ -21,7 +21,7 @@ def _rms(x, w, eps):
         x[i] = x[i] * r * w[i]
 
 
-@njit
+@njit(inline='always')
 def _rope(x, cos, sin):
     """Rotate-half rotary embedding of one head x [hd] in place."""
     half = x.shape[0] // 2

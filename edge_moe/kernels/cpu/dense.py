@@ -11,7 +11,7 @@ from edge_moe.kernels.cpu.simd.avx2 import _dot_nib128, _f8zero, _fma8, _i8zero
 from edge_moe.kernels.cpu.simd.common import _addr, _dot_bytes, _fma_s, _fsum, _fzero, _i2f, _izero, _ldf
 
 
-@njit
+@njit(inline='always')
 def _byte_row(Q, X, S, M, DS, DSUM, ng, G):
     """sum_g scale_g d_g (q_g . x16_g) + minimum_g sum(x_g) of one row of byte codes at address Q
     (scales at S, minima at M) and one token's int16 activations at X (scales at DS, sums at DSUM)."""
@@ -25,7 +25,7 @@ def _byte_row(Q, X, S, M, DS, DSUM, ng, G):
     return _fsum(acc) + off
 
 
-@njit
+@njit(inline='always')
 def _nibble_row(Q, X, S, M, DS, DSUM, ng, G):
     """_byte_row for nibble codes and the int8 (high digit) activations, whose scale is 256 d_g."""
     acc, off = _f8zero(), np.float32(0.0)
@@ -38,7 +38,7 @@ def _nibble_row(Q, X, S, M, DS, DSUM, ng, G):
     return _fsum(acc) + off
 
 
-@njit
+@njit(inline='always')
 def _nibble_row4(Q, X, xstride, S, M, DS, dstride, DSUM, ng, G, out, t, o):
     """_nibble_row for tokens t..t+3 (activations X + k xstride, scales DS + k dstride, sums
     DSUM + 2 k dstride) into out[t + k, o]: each group's nibbles loaded and unpacked once for 4 dots."""

@@ -38,7 +38,7 @@ def _top_and_sum(x):
     return top, s
 
 
-@njit
+@njit(inline='always')
 def _group_digits(x, inv, high, low):
     """Balanced base-256 digits of rint(x * inv): x * inv ~ 256 high + low, both int8; sum(high)."""
     total = 0
@@ -123,7 +123,7 @@ def _lut_tables(dig, dsc, md, wanted):
     return tab, tsc
 
 
-@njit
+@njit(inline='always')
 def _lut_sums(h, sums):
     """The 16 subset sums of every 4 of the 128 int8 h, table k (16 k ..) of inputs 16 (k // 4) +
     8 (k & 1) + 4 ((k >> 1) & 1) + 0..3 (_lut2_dot16's TA / TB lanes)."""

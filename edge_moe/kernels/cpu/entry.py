@@ -67,7 +67,7 @@ def _ffn_kernel(cas, bits, forms, mwq, x, ptr, tokens, weights, md_gu, md_dn, W,
                           ptr[j + 1] - ptr[j], o0, min(r1, o0 + ROWS_PER_ITEM), W, out, tokens, weights)
 
 
-@njit
+@njit(inline='always')
 def _share(rows, h, H):
     """First of thread h's rows out of H threads: whole blocks of LUT_ROWS (the LUT form's unit)."""
     return rows if h == H else rows * h // H // LUT_ROWS * LUT_ROWS

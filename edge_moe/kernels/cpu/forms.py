@@ -86,7 +86,7 @@ def _lut_transpose(arena, units, md, back):
             _permute(arena[units[p], s:s + 2 * LUT_ROWS * ng].view(np.uint16), meta, back)
 
 
-@njit
+@njit(inline='always')
 def _permute(a, order, back):
     """a[order[i]] = a[i] for every i, in place (back: a[i] = a[order[i]])."""
     was = a.copy()

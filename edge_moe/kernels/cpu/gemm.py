@@ -30,7 +30,7 @@ from edge_moe.kernels.cpu.simd.common import (
 from edge_moe.kernels.cpu.simd.isa import STRIDED
 
 
-@njit
+@njit(inline='always')
 def _gemm_dot(form, one, h, lo, q, qa, x, x16, npad):
     """_dot2 of 64 codes (q, also at address qa) and a token's inputs: form 0 as _dot2; on AVX2
     form 1 takes codes <= 15 (vpmaddubsw) and form 2 the int16 inputs at x16 (vpmaddwd), both
@@ -43,7 +43,7 @@ def _gemm_dot(form, one, h, lo, q, qa, x, x16, npad):
     return _dot2(one, h, lo, q, x, npad)
 
 
-@njit
+@njit(inline='always')
 def _nibble_codes(q, a, bits, form, CA, poff, w4, w5, w6, w7):
     """_qbuild's 64 codes for an expert in nibble form: the nibbles at q (the top 4 bits; as numbers
     q >> (8 - bits) in form 1) plus planes 4..bits-1 at offset a."""

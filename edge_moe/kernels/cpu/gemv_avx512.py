@@ -10,7 +10,7 @@ from edge_moe.kernels.cpu.simd.avx512 import _codes512
 from edge_moe.kernels.cpu.simd.common import _addr, _fma_s, _fsum, _fzero, _izero, _ldf, _qload, _qload_n
 
 
-@njit
+@njit(inline='always')
 def _group128(one, acc, q0, q1, xb, npad, cg):
     """acc + C[g] * (codes q0 q1) . (digits of 128 inputs at xb)."""
     h, lo = _dot2(one, _izero(), _izero(), q0, xb, npad)
@@ -18,7 +18,7 @@ def _group128(one, acc, q0, q1, xb, npad, cg):
     return _fma_s(acc, _flush(one, h, lo), _ldf(cg))
 
 
-@njit
+@njit(inline='always')
 def _plane_block(p, n):
     """The 64 bytes at address p; n < 64: the first n, zeros after (a masked load, which costs an
     extra uop, so full blocks pass the literal 64)."""
@@ -27,7 +27,7 @@ def _plane_block(p, n):
     return _qload(p)
 
 
-@njit
+@njit(inline='always')
 def _block512(NW, one, bits, a, n, acc, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
     """acc + the 4 groups of 512 weights whose plane bytes start at a (n of them)."""
     q = _codes512(NW, bits, _plane_block(p0 + a, n), _plane_block(p1 + a, n), _plane_block(p2 + a, n),
@@ -39,7 +39,7 @@ def _block512(NW, one, bits, a, n, acc, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6
     return _group128(one, acc, q[6], q[7], xb + 384, npad, cg + 12)
 
 
-@njit
+@njit(inline='always')
 def _row_msb512(NW, one, bits, a, rb, xb, cg, npad, p0, p1, p2, p3, p4, p5, p6, p7):
     """sum_g C[g] * q_g . x_g over one msb row of group-128 codes (rb plane bytes), codes built 512
     at a time; a last block of 1-3 groups reads zeros past the row (and x digits and C[g] past it:

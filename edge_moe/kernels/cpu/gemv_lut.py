@@ -38,7 +38,7 @@ def _gemv_lut2(ca, md, Tab, Tsc, Dsum, o0, o1, y):
         _fstore(acc, Y + 4 * (b0 - o0))
 
 
-@njit
+@njit(inline='always')
 def _lut_rows(ca, md, tab, tsc, dsum, drows, d0, n, o0, o1, y):
     """y[i] = rows o0..o1 of an expert in LUT form for the n tokens of digit rows drows[d0..]: a GEMV per
     token over blocks of rows whose plane bytes (PASS_BYTES) stay in L2 for the next token's."""

@@ -13,20 +13,20 @@ from edge_moe.kernels.cpu.simd.avx2_strided import _dot256_low
 from edge_moe.kernels.cpu.simd.common import _addr, _f8load, _fsum, _ldb, _ldf, _ldi, _prefetch
 
 
-@njit
+@njit(inline='always')
 def _nibble_addr(CA, poff, rb, o):
     """Address of row o's nibble codes in an expert held in nibble form (to_nibble_form): the rows
     4k..4k+3 take the bytes their 4 planes held, row 4k+j in chunk j."""
     return _ldi(CA + 8 * (o & 3)) + poff + (o - (o & 3)) * rb
 
 
-@njit
+@njit(inline='always')
 def _nibble_mask(bits):
     """The mask that keeps a nibble's top min(bits, 4) bits."""
     return (0xF0 >> min(bits, 4)) & 0x0F
 
 
-@njit
+@njit(inline='always')
 def _prefetch_meta(CA, md, o):
     """Prefetch the first line of row o's fp16 scales and minima."""
     ma = 2 * o * md[3] + md[7]
@@ -34,7 +34,7 @@ def _prefetch_meta(CA, md, o):
     _prefetch(_ldi(CA + 8) + ma)
 
 
-@njit
+@njit(inline='always')
 def _prefetch_nibble_row(CA, md, bits, o):
     """Prefetch row o's nibble codes, its planes 4.. (bits > 4) and the first line of its metadata."""
     if o < md[0]:
@@ -48,7 +48,7 @@ def _prefetch_nibble_row(CA, md, bits, o):
         _prefetch_meta(CA, md, o)
 
 
-@njit
+@njit(inline='always')
 def _row_offsets(p, n):
     """A row's n offsets at address p (_row_coefs) as (8 float lanes, a float) whose sums add up to
     theirs: in the lanes, 8 at a time, where 8 divides n (one vector add per 8 offsets, and the row's
@@ -160,7 +160,7 @@ def _gemv_nibble4(ca, md, bits, dig, dsc, dsum, drows, d, o0, o1, coef, tile, y,
 _SPREAD = np.array([sum(((b >> j) & 1) << (8 * j) for j in range(8)) for b in range(256)], np.uint64)
 
 
-@njit
+@njit(inline='always')
 def _nibble_rows(CA, md, bits, o0, o1, out):
     """Rows o0..o1 of an msb matrix held as planes (chunk addresses at CA) as nibble codes of their top
     min(bits, 4) planes (zeros below; to_nibbles' order), row o at out[(o - o0) 4 rb]."""
@@ -182,7 +182,7 @@ def _nibble_rows(CA, md, bits, o0, o1, out):
                 words[at + 4 * b + h] = v
 
 
-@njit
+@njit(inline='always')
 def _nibble_bits(a, shift):
     """Plane bytes a (weights 8h..8h+7) and a + 4 (weights 8h+32..) spread into 8 nibble-code bytes, at
     bit `shift` of the low nibbles and shift + 4 of the high ones."""

@@ -36,7 +36,7 @@ from edge_moe.kernels.cpu.simd.common import (
 from edge_moe.kernels.cpu.simd.fp16 import _h2f, _h2f16
 
 
-@njit
+@njit(inline='always')
 def _qbuild(a, bits, p0, p1, p2, p3, p4, p5, p6, p7, w0, w1, w2, w3, w4, w5, w6, w7):
     """Byte codes sum_p 2^(7-p) bit_p of 64 inputs; plane p's word at p_p + a."""
     q = _qmask_add(_qzero(), p0 + a, w0)
@@ -56,13 +56,13 @@ def _qbuild(a, bits, p0, p1, p2, p3, p4, p5, p6, p7, w0, w1, w2, w3, w4, w5, w6,
     return q
 
 
-@njit
+@njit(inline='always')
 def _low_mean(bits):
     """An msb row's offset is min + s * this: the mean of the code's dropped low bits, (2^(8-b) - 1) / 2."""
     return np.float32((2 ** (MAX_BITS - bits) - 1) / 2)
 
 
-@njit
+@njit(inline='always')
 def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum, unit):
     """Row o's coefficient of each code per group (C [k, ngp]) and offsets (OFF [ngp]), from fp16.
 
@@ -96,7 +96,7 @@ def _coefs(CA, moff, ng, ngp, bits, mwq, o, C, OFF, Dsc, Dsum, unit):
     return _fsum(voff)
 
 
-@njit
+@njit(inline='always')
 def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
     """_coefs of msb rows o0..o1 with one token, in one pass over their contiguous fp16 metadata, 16
     at a time: C[(o - o0) ng + g] = s d_g unit and C[n + 16 + (o - o0) ng + g] = (min + s kb) sum_g,
@@ -129,7 +129,7 @@ def _row_coefs(CA, md, bits, o0, o1, Dsc, Dsum, unit, C, T):
     _fstore(_fzero(), C + 4 * n)  # the gap: a lone last group's pair reads C[n] past the last row
 
 
-@njit
+@njit(inline='always')
 def _row_sum(p, n):
     """The sum of the n floats at address p (two chains)."""
     s0, s1 = np.float32(0.0), np.float32(0.0)
@@ -141,7 +141,7 @@ def _row_sum(p, n):
     return s0 + s1
 
 
-@njit
+@njit(inline='always')
 def _dot2(one, h, lo, q, x, npad):
     """Accumulate q . (high, low digits) of 64 inputs at address x; only the high digit if one."""
     if one:
@@ -149,7 +149,7 @@ def _dot2(one, h, lo, q, x, npad):
     return _dpbusd(h, q, x), _dpbusd(lo, q, x + npad)
 
 
-@njit
+@njit(inline='always')
 def _flush(one, h, lo):
     """The group's dot as floats, in units of the high digit (one) or of the low digit."""
     if one:
@@ -157,7 +157,7 @@ def _flush(one, h, lo):
     return _join_digits(h, lo)
 
 
-@njit
+@njit(inline='always')
 def _act_form(one, Dsum, ngp):
     """(digit unit, address of the sums the offsets take) for int8 (one) or int16 activations of a row
     whose sums [2, ngp] start at Dsum (_digit_row)."""
@@ -166,7 +166,7 @@ def _act_form(one, Dsum, ngp):
     return ONE_UNIT, Dsum
 
 
-@njit
+@njit(inline='always')
 def _plane_addrs(CA, poff, bits):
     """Addresses of the 8 planes of a matrix (chunk addresses at CA); planes at or above bits alias
     plane 0: the GEMVs read them, then mask them out."""
@@ -181,7 +181,7 @@ def _plane_addrs(CA, poff, bits):
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
-@njit
+@njit(inline='always')
 def _prefetch_ahead(CA, md, bits, o, dist):
     """Prefetch the planes of row o + dist and the first line of row o + 2 dist's fp16 scales and
     minima (the first only: prefetching every line costs more than it saves)."""
@@ -197,7 +197,7 @@ def _prefetch_ahead(CA, md, bits, o, dist):
         _prefetch(_ldi(CA + 8) + ma)
 
 
-@njit
+@njit(inline='always')
 def _token_addrs(dig, dsc, dsum, md, r):
     """Addresses of digit row r's digits, scales and sums (_digits_of's arrays) for matrix md."""
     ngp = md[4]

@@ -96,7 +96,7 @@ def _rows(ca, md, bits, mwq, form, dig, xs, dsc, dsum, drows, d0, n, o0, o1, W, 
     _put_rows(y, n, o0, o1, out, orows, oscale, d0)
 
 
-@njit
+@njit(inline='always')
 def _put_rows(y, n, o0, o1, out, orows, oscale, d0):
     """out[orows[d0+i], o0..o1] += oscale[d0+i] * y[i]."""
     for i in range(n):
