@@ -143,6 +143,71 @@ class ContainerWriter:
             self._fd = None
 
 
+def check_manifest(m, path: str) -> None:
+    """Every field the reader uses, of the right type and inside the data (before anything is allocated
+    from it): a FormatError naming the field otherwise."""
+    def bad(field: str, value) -> FormatError:
+        return FormatError(f"{path}: manifest field {field} = {str(value)[:80]!r} is invalid; the file is "
+                           "corrupt or from another edge-moe version")
+
+    def count(field: str, value, lo: int = 0) -> int:
+        if type(value) is not int or value < lo:
+            raise bad(field, value)
+        return value
+
+    def mapping(field: str, value) -> dict:
+        if not isinstance(value, dict):
+            raise bad(field, value)
+        return value
+
+    def crc(field: str, value) -> None:
+        if not (isinstance(value, str) and len(value) == 8 and all(c in "0123456789abcdef" for c in value)):
+            raise bad(field, value)
+
+    def blob(field: str, entry) -> None:
+        entry = mapping(field, entry)
+        end = count(f"{field}.offset", entry.get("offset")) + count(f"{field}.nbytes", entry.get("nbytes"))
+        if end > data_end:
+            raise bad(f"{field}.nbytes", entry["nbytes"])
+        crc(f"{field}.crc32", entry.get("crc32"))
+
+    mapping("manifest", m)
+    data_end = count("data_end", m.get("data_end"))
+    for key in ("model", "quant", "expert_layout"):
+        mapping(key, m.get(key))
+    ends = m["expert_layout"].get("level_ends")
+    if not isinstance(ends, list) or not ends or any(type(e) is not int for e in ends) or \
+            any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
+        raise bad("expert_layout.level_ends", ends)
+    for name, entry in mapping("files", m.get("files")).items():
+        blob(f"files.{name}", entry)
+    for name, entry in mapping("dense", m.get("dense")).items():
+        blob(f"dense.{name}", entry)
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or \
+                any(type(d) is not int or d < 1 for d in shape) or entry.get("dtype") != "bfloat16" or \
+                2 * int(np.prod(shape, dtype=object)) != entry["nbytes"]:
+            raise bad(f"dense.{name}.shape", shape)
+    experts = mapping("experts", m.get("experts"))
+    layers, offsets, crcs = experts.get("layers"), experts.get("offsets"), experts.get("crc32")
+    if not isinstance(layers, list) or any(type(li) is not int or li < 0 for li in layers) or \
+            len(set(layers)) != len(layers):
+        raise bad("experts.layers", layers)
+    for field, rows in (("experts.offsets", offsets), ("experts.crc32", crcs)):
+        if not isinstance(rows, list) or len(rows) != len(layers) or \
+                any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+            raise bad(field, rows)
+    for i, row in enumerate(offsets):
+        for e, offset in enumerate(row):
+            if count(f"experts.offsets[{i}][{e}]", offset) + ends[-1] > data_end:
+                raise bad(f"experts.offsets[{i}][{e}]", offset)
+            levels = crcs[i][e]
+            if not isinstance(levels, list) or len(levels) != len(ends):
+                raise bad(f"experts.crc32[{i}][{e}]", levels)
+            for k, c in enumerate(levels):
+                crc(f"experts.crc32[{i}][{e}][{k}]", c)
+
+
 class Container:
     """A read-only .emoe file: the manifest in memory, blobs read on demand and verified."""
 
@@ -177,14 +242,23 @@ class Container:
         if version != VERSION:
             raise FormatError(f"{self.path} has format version {version}; this edge-moe reads "
                               f"version {VERSION}: convert the checkpoint again")
+        size = os.fstat(self._fd).st_size
+        if length > size or data_offset > size or data_offset < HEADER.size + length:
+            raise FormatError(f"{self.path}: the header's manifest length {length} and data offset "
+                              f"{data_offset} do not fit a file of {size} bytes; the file is corrupt")
         text = os.pread(self._fd, length, HEADER.size)
         if len(text) < length or crc32(text) & 0xFFFFFFFF != crc:
             raise FormatError(f"{self.path}: manifest is corrupt (checksum mismatch)")
-        return json.loads(text), data_offset
+        try:
+            manifest = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise FormatError(f"{self.path}: the manifest is not valid JSON; the file is corrupt") from None
+        check_manifest(manifest, str(self.path))
+        return manifest, data_offset
 
     def _check_size(self) -> None:
         size = os.fstat(self._fd).st_size
-        expected = self.data_offset + self.manifest["data_end"]
+        expected = self.data_offset + self.manifest["data_end"]  # check_manifest: every blob ends by data_end
         if size < expected:
             raise FormatError(f"{self.path} is truncated: {size} bytes, expected {expected}; "
                               "copy or convert it again")

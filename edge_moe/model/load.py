@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import torch
@@ -13,18 +15,67 @@ from edge_moe.errors import FormatError
 from edge_moe.format.container import Container
 from edge_moe.format.layout import ExpertLayout, build_layout
 from edge_moe.model.packed import pack_linear, packed_nbytes, packs
-from edge_moe.model.weights import expert_shapes, qkv_part
+from edge_moe.model.weights import dense_shapes, expert_shapes, qkv_part
 
 
 def read_model(container: Container) -> tuple[ModelConfig, ExpertLayout]:
-    """The config and expert layout the file declares; refused if this version lays experts out otherwise."""
-    m = container.manifest
-    cfg = ModelConfig.from_dict(m["model"])
-    layout = build_layout(expert_shapes(cfg), m["quant"]["scheme"], m["quant"]["group"])
+    """The config and expert layout the file declares, checked against its tensors; refused if this
+    version lays experts out otherwise."""
+    m, path = container.manifest, container.path
+    cfg = _config(m["model"], path)
+    try:
+        layout = build_layout(expert_shapes(cfg), m["quant"].get("scheme"), m["quant"].get("group"))
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: its quantization {m['quant']} is not one this edge-moe reads") from None
     if layout.to_dict() != m["expert_layout"]:
-        raise FormatError(f"{container.path}: its expert layout differs from this edge-moe version's; "
+        raise FormatError(f"{path}: its expert layout differs from this edge-moe version's; "
                           "convert the checkpoint again")
+    want = {name: list(shape) for name, shape in dense_shapes(cfg).items()}
+    have = {name: entry["shape"] for name, entry in m["dense"].items()}
+    if want != have:
+        name = next(n for n in sorted(want.keys() | have.keys()) if want.get(n) != have.get(n))
+        raise FormatError(f"{path}: dense tensor {name} is {have.get(name, 'missing')}, the model's config "
+                          f"says {want.get(name, 'no such tensor')}; the file is corrupt")
+    if m["experts"]["layers"] != list(cfg.moe_layers) or \
+            any(len(row) != cfg.num_experts for row in m["experts"]["offsets"]):
+        raise FormatError(f"{path}: its expert table does not match the config's MoE layers and experts")
     return cfg, layout
+
+
+def _config(d: dict, path) -> ModelConfig:
+    """The manifest's model config, every field of its declared type and every size positive."""
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except TypeError:
+        raise FormatError(f"{path}: the model config lacks a field or has an unknown one") from None
+    for f in dataclasses.fields(cfg):
+        if not _valid(f.name, f.type, getattr(cfg, f.name), cfg):
+            value = str(getattr(cfg, f.name))[:80]
+            raise FormatError(f"{path}: model config field {f.name} = {value!r} is invalid; the file is "
+                              "corrupt")
+    if cfg.num_heads % cfg.num_kv_heads or cfg.top_k > cfg.num_experts or cfg.qk_norm not in QK_NORMS:
+        raise FormatError(f"{path}: the model config's heads, top-k or qk_norm are inconsistent; the file is "
+                          "corrupt")
+    return cfg
+
+
+def _valid(name: str, kind: str, value, cfg: ModelConfig) -> bool:
+    """A config field holds a value of its declared type (sizes positive, floats finite and positive)."""
+    if kind == "int":
+        return type(value) is int and (value > 0 or (value == 0 and name in ZERO_OK))
+    if kind == "float":
+        return type(value) in (int, float) and math.isfinite(value) and value > 0
+    if kind in ("bool", "str"):
+        return type(value).__name__ == kind
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "tuple[int, ...]":
+        return all(type(v) is int and 0 <= v < cfg.num_layers for v in value)
+    return True
+
+
+ZERO_OK = ("shared_expert_intermediate_size", "intermediate_size")  # 0: none
+QK_NORMS = ("none", "head", "full")
 
 
 class _FileRows:

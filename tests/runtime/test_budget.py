@@ -237,23 +237,6 @@ def test_a_budget_that_narrows_asked_widths_says_so_once(wide_model):
         assert m.stats["degraded_pairs"] > 0
 
 
-@pytest.fixture(scope="module")
-def big_vocab_model(tmp_path_factory):
-    """qwen3_moe with a 32k vocabulary: 65 MB of bf16 embedding and LM head, a few MB of experts."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from edge_moe.convert import convert
-
-    d = tmp_path_factory.mktemp("vocab")
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=32000, hidden_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=256, intermediate_size=256, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d / "hf")
-    return convert(d / "hf", d / "vocab.emoe", progress=False)
-
-
 @pytest.mark.parametrize("dense_bits", [4, 6, 8, 16])
 def test_the_plan_knows_the_dense_bytes_before_reading_them(big_vocab_model, dense_bits):
     from edge_moe.model.load import dense_nbytes
