@@ -46,3 +46,27 @@ def test_groups_are_dealt_longest_first_to_the_least_loaded_child():
 def test_every_group_is_named_for_some_model():
     named = {g for bits in (4, 6, 8, 16) for g in warm.groups_for("cpu", bits, True)}
     assert named | {"forms"} == set(warm.GROUPS) and set(warm.COST) == set(warm.GROUPS)
+
+
+@pytest.mark.slow
+def test_compile_children_die_with_their_parent(tmp_path):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}  # empty: the first run compiles
+    command = [sys.executable, "-m", "edge_moe.cli", "run", "--prompt", "x", "--max-tokens", "1"]
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    for _ in range(300):  # the children start once the parent has imported torch and numba
+        children = psutil.Process(parent.pid).children()
+        if children:
+            break
+        time.sleep(0.1)
+    assert children, "no compile child was started"
+    parent.send_signal(signal.SIGKILL)  # no cleanup code of the parent runs
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
