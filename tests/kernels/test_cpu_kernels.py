@@ -9,6 +9,7 @@ from edge_moe.errors import UsageError
 from edge_moe.format.layout import build_layout, from_units, pack_expert, to_units, unpack_matrix
 from edge_moe.format.nested import BASE_BITS, MAX_BITS, SCHEMES, quantize, to_nibbles
 from edge_moe.kernels import cpu, get_backend, reference
+from edge_moe.kernels.cpu.simd.isa import STRIDED
 from tests.tolerances import KERNEL_INT16_ACT_REL
 
 D, INTER = 160, 96  # hidden, intermediate: neither a multiple of the group (64 or 128)
@@ -230,13 +231,21 @@ def test_nested_matmul_long_rows(scheme, n):
             close(cpu.nested_matmul(layout, buf, "w", x, bits), ref)
 
 
+# the nibble form exists for msb at group 128 on AVX2 without AVX-512 only (cpu.nibble_form): its tests
+# take that one layout, and other hosts run them in test_cpu_targets' haswell child
+needs_nibble_form = pytest.mark.skipif(not STRIDED, reason="the nibble form is compiled on AVX2 without "
+                                       "AVX-512 only")
+
+
+@pytest.fixture(scope="module")
+def msb128_expert():
+    return make_expert("msb", 128)
+
+
 def _nibble_case(expert):
-    """(layout, arena, units [2, 8]) of two experts in scattered units, if this layout has a nibble form
-    on this CPU (msb, group 128, AVX2 without AVX-512: the haswell child of test_cpu_targets runs it
-    on other hosts)."""
+    """(layout, arena, units [2, 8]) of two experts in scattered units, in a layout with a nibble form."""
     layout, buf = expert
-    if not cpu.nibble_form(layout):
-        pytest.skip("no nibble form for this layout on this CPU")
+    assert cpu.nibble_form(layout)
     return (layout, *two_scattered(layout, buf))
 
 
@@ -249,10 +258,11 @@ def two_scattered(layout, buf):
     return arena, units
 
 
-def test_nibble_form_rewrites_planes_in_place(expert):
+@needs_nibble_form
+def test_nibble_form_rewrites_planes_in_place(msb128_expert):
     """Row 4k + j's 4-bit codes (the top 4 planes, packed as format.nested.to_nibbles) land in chunk j
     where rows 4k..4k+3 of the planes were; metadata and planes 4.. are untouched."""
-    layout, arena, units = _nibble_case(expert)
+    layout, arena, units = _nibble_case(msb128_expert)
     before = arena.copy()
     cpu.to_nibble_form(layout, arena, units[0])
     np.testing.assert_array_equal(np.delete(arena, units[0, :4], 0), np.delete(before, units[0, :4], 0))
@@ -271,11 +281,12 @@ def test_nibble_form_rewrites_planes_in_place(expert):
             np.testing.assert_array_equal(arena[units[0, c], meta:], before[units[0, c], meta:])
 
 
+@needs_nibble_form
 @pytest.mark.parametrize("t", [1, 2, 64])
-def test_nested_matmul_units_nibble_form_every_level(expert, t):
+def test_nested_matmul_units_nibble_form_every_level(msb128_expert, t):
     """The GEMV / GEMM on an expert in nibble form (and on its planes, as units) at every width, against
     the reference on the plane form."""
-    layout, arena, units = _nibble_case(expert)
+    layout, arena, units = _nibble_case(msb128_expert)
     planes = arena.copy()
     cpu.to_nibble_form(layout, arena, units[0])
     buf = from_units(layout, planes, units[0], MAX_BITS)
@@ -292,11 +303,12 @@ def test_nested_matmul_units_nibble_form_every_level(expert, t):
         cpu.nested_matmul_units(layout, arena, units[0, :4], "down", x, 4)
 
 
+@needs_nibble_form
 @pytest.mark.parametrize("t", [1, 2, 33])
-def test_moe_ffn_units_nibble_form_every_level(expert, t):
+def test_moe_ffn_units_nibble_form_every_level(msb128_expert, t):
     """Experts in nibble form at every width (2-4 from the nibbles, 5-8 nibbles plus planes), beside
     one in plane form, against the reference on the plane form."""
-    layout, arena, units = _nibble_case(expert)
+    layout, arena, units = _nibble_case(msb128_expert)
     planes = arena.copy()
     cpu.to_nibble_form(layout, arena, units[0])
     cpu.to_nibble_form(layout, arena, units[1])
