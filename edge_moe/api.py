@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_moe.config import ModelConfig, format_size, parse_size
+from edge_moe.config import CPU_DENSE_BITS, ModelConfig, format_size, parse_size
 from edge_moe.errors import BudgetError, BudgetWarning, FormatError, UsageError
 from edge_moe.format.container import Container
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
@@ -65,7 +65,7 @@ def _set_threads(threads: int | None, cfg: ModelConfig) -> None:
 
 def _dense_bits(bits: int | None, device: torch.device) -> int:
     """--dense-bits, checked: default 8 on the cpu, 16 (the file's bf16) on cuda, which packs nothing."""
-    bits = check_dense_bits(bits if bits is not None else 16 if device.type == "cuda" else 8)
+    bits = check_dense_bits(bits if bits is not None else 16 if device.type == "cuda" else CPU_DENSE_BITS)
     if bits < 16 and device.type == "cuda":
         raise UsageError("packed dense weights run on the cpu only; use --dense-bits 16 with --device cuda")
     return bits

@@ -10,7 +10,7 @@ import threading
 import warnings
 
 from edge_moe import __version__
-from edge_moe.config import format_size
+from edge_moe.config import CPU_DENSE_BITS, format_size
 from edge_moe.errors import EdgeMoeError
 
 
@@ -22,7 +22,17 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _start_compile(args) -> None:
+    """On a first run, start the kernels' compile children before this process imports torch, which
+    it then does while they work (load() waits for them). Only for the cpu defaults it can name here."""
+    from edge_moe.runtime.warm import groups_for, start
+
+    if args.device == "cpu" and args.backend in (None, "cpu") and args.dense_bits in (None, 4, 5, 6, 7, 8, 16):
+        start(groups_for("cpu", args.dense_bits or CPU_DENSE_BITS, True))
+
+
 def _run(args) -> None:
+    _start_compile(args)
     from edge_moe.api import load
     from edge_moe.runtime.bit_policy import BitRequest
     from edge_moe.runtime.sampling import check_sampling

@@ -50,6 +50,9 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+CPU_DENSE_BITS = 8  # --dense-bits' default on the cpu (cuda keeps the file's bf16: 16)
+
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 

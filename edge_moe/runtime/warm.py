@@ -120,54 +120,73 @@ def _die_with_parent() -> None:
         pass
 
 
-def _compile_in_children(names: list[str]) -> str | None:
-    """Compile the groups into numba's cache in child processes; None, or why it failed."""
-    # the children must compile these very files, whatever their working directory holds (a source
-    # tree there shadowed an installed package and a child filled the wrong cache)
-    root = str(Path(__file__).resolve().parents[2])
-    shares = _share_out(names, min(MAX_CHILDREN, _cores()))
-    logs = [tempfile.TemporaryFile("w+") for _ in shares]  # a pipe could fill and stall a child
-    children = [subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, groups=share)],
-                                 stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent)
-                for share, log in zip(shares, logs, strict=True)]
-    progress = _Progress(len(names))
-    try:
-        while any(c.poll() is None for c in children):
-            time.sleep(POLL_S)
-            progress.show(sum(compiled([n]) for n in names))
-    finally:
-        for child in children:
-            if child.poll() is None:  # interrupted: nothing is left running behind the user's back
-                child.kill()
-            child.wait()
-        errors = []
-        for log in logs:
-            log.seek(0)
-            errors.append(log.read())
-            log.close()
-    progress.show(sum(compiled([n]) for n in names), end=True)
-    failed = [(c.returncode, e) for c, e in zip(children, errors, strict=True) if c.returncode != 0]
-    if failed:
-        return f"exit {failed[0][0]}: {failed[0][1].strip()[-300:]}"
-    return None if compiled(names) else "is numba's cache directory writable?"
+class _Compile:
+    """Child processes compiling groups into numba's cache; `wait()` shows progress and says why it failed."""
+
+    def __init__(self, names: list[str]):
+        # the children must compile these very files, whatever their working directory holds (a source
+        # tree there shadowed an installed package and a child filled the wrong cache)
+        root = str(Path(__file__).resolve().parents[2])
+        self.names = names
+        shares = _share_out(names, min(MAX_CHILDREN, _cores()))
+        self.logs = [tempfile.TemporaryFile("w+") for _ in shares]  # a pipe could fill and stall a child
+        self.children = [subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, groups=share)],
+                                          stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent)
+                         for share, log in zip(shares, self.logs, strict=True)]
+        self.progress = _Progress(len(names))
+
+    def wait(self) -> str | None:
+        try:
+            while any(c.poll() is None for c in self.children):
+                time.sleep(POLL_S)
+                self.progress.show(sum(compiled([n]) for n in self.names))
+        finally:
+            for child in self.children:
+                if child.poll() is None:  # interrupted: nothing is left running behind the user's back
+                    child.kill()
+                child.wait()
+            errors = []
+            for log in self.logs:
+                log.seek(0)
+                errors.append(log.read())
+                log.close()
+        self.progress.show(sum(compiled([n]) for n in self.names), end=True)
+        failed = [(c.returncode, e) for c, e in zip(self.children, errors, strict=True) if c.returncode != 0]
+        if failed:
+            return f"exit {failed[0][0]}: {failed[0][1].strip()[-300:]}"
+        return None if compiled(self.names) else "is numba's cache directory writable?"
 
 
 _loaded: set[str] = set()  # groups this process has called once
+_running: _Compile | None = None  # children started by start(), waited for by prepare()
+
+
+def start(names) -> None:
+    """Start compiling whichever of these groups numba's cache lacks, in child processes, and return at
+    once (a caller can import the rest meanwhile); prepare() waits for them."""
+    global _running
+    missing = [n for n in dict.fromkeys(names) if n not in _loaded and not compiled([n])]
+    if missing and _running is None:
+        _running = _Compile(missing)
 
 
 def prepare(names=tuple(GROUPS)) -> None:
     """Make these groups of kernels ready before a budgeted process measures its baseline: compile them
     in child processes if numba's cache lacks them, then load them here (~0.2 s, their code and threads
     then count in the baseline)."""
+    global _running
     todo = [n for n in dict.fromkeys(names) if n not in _loaded]
     if not todo:
         return
-    missing = [n for n in todo if not compiled([n])]
-    if missing:
-        why = _compile_in_children(missing)
+    while True:
+        start(todo)
+        if _running is None:
+            break
+        why, _running = _running.wait(), None
         if why:
-            warnings.warn(f"edge-moe: the cpu kernels could not be compiled into numba's cache ({why}); they "
-                          "compile in this process, whose RSS may pass --memory-budget by ~200 MB",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the cpu kernels could not be compiled into numba's cache ({why}); they compile in "
+                          "this process, whose RSS may pass --memory-budget by ~200 MB", RuntimeWarning,
+                          stacklevel=2)
+            break
     call_groups(todo)
     _loaded.update(todo)

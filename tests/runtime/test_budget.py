@@ -247,7 +247,7 @@ def test_the_plan_knows_the_dense_bytes_before_reading_them(big_vocab_model, den
 
 
 REFUSED = """
-import json, sys, edge_moe
+import json, sys, edge_moe, edge_moe.api  # torch and numba imported before measuring, as load() measures
 from edge_moe.errors import BudgetError
 from edge_moe.runtime.memory import current_rss
 from edge_moe.runtime.warm import groups_for, prepare

@@ -1,11 +1,13 @@
-"""The registered ops (same signatures as kernels.reference): checks, outputs, and the entry kernels."""
+"""The registered ops (same signatures as kernels.reference): checks, outputs, and the entry kernels.
+A numpy input gives a numpy output and a torch tensor a tensor; this module never imports torch."""
 
 from __future__ import annotations
 
 import functools
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numba import get_num_threads, njit
 
 from edge_moe.errors import UsageError
@@ -16,6 +18,9 @@ from edge_moe.kernels.cpu.dense import _byte_matmul_kernel, _nibble_matmul_kerne
 from edge_moe.kernels.cpu.entry import _ffn_kernel, _matmul_kernel
 from edge_moe.kernels.cpu.plan import _Plan, _plan
 from edge_moe.kernels.cpu.simd.common import _addr
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _check_bits(plan: _Plan, nbytes: int, bits: int, what: str) -> int:
@@ -31,8 +36,23 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _tensor_type():
+    """torch.Tensor if this process has imported torch (a tensor can only come from there), else None:
+    the ops take and give numpy arrays without importing torch (the compile children import none)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def _out(out: np.ndarray, x):
+    """out as the caller's kind: a tensor for a tensor input, else the array."""
+    tensor = _tensor_type()
+    return sys.modules["torch"].from_numpy(out) if tensor is not None and isinstance(x, tensor) else out
+
+
 def _as_x(x, n: int) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    tensor = _tensor_type()
+    if tensor is not None and isinstance(x, tensor):
+        torch = sys.modules["torch"]
         x = x if x.dtype == torch.float32 else x.float()
         x = (x.detach() if x.requires_grad else x).numpy()  # detach only if needed: each torch op costs
     else:
@@ -67,7 +87,7 @@ def _matmul(plan: _Plan, matrix: str, ca: np.ndarray, bits: int, form: int, x) -
     out = np.zeros((xs.shape[0], int(md[0])), dtype=np.float32)
     if xs.shape[0]:
         _matmul_kernel(ca, md, bits, plan.mwq, form, xs, _POWERS, out)
-    return torch.from_numpy(out)
+    return _out(out, x)
 
 
 def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +122,7 @@ def _code_matmul(kernel, what: str, per_byte: int, unit: int, codes, scale, mini
     out = np.zeros((xs.shape[0], o), dtype=np.float32)
     if xs.shape[0]:
         kernel(codes, scale, minimum, xs, md, out)
-    return torch.from_numpy(out)
+    return _out(out, x)
 
 
 def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights, forms=None) -> np.ndarray:
@@ -119,8 +139,8 @@ def _ffn(plan: _Plan, cas: np.ndarray, bits: np.ndarray, x, ptr, tokens, weights
 
 def _single(plan: _Plan, cas: np.ndarray, bits: int, x) -> torch.Tensor:
     T = x.shape[0]
-    return torch.from_numpy(_ffn(plan, cas[None], np.array([bits]), x, np.array([0, T]), np.arange(T),
-                                 np.ones(T, np.float32)))
+    return _out(_ffn(plan, cas[None], np.array([bits]), x, np.array([0, T]), np.arange(T),
+                     np.ones(T, np.float32)), x)
 
 
 def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -153,7 +173,7 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
     units = np.asarray(units, dtype=np.int64).reshape(len(bits), -1)
     forms = np.zeros(len(bits), np.int8) if form is None else np.asarray(form, np.int8)
     cas = _checked_units(plan, arena, units, bits, forms)
-    return torch.from_numpy(_ffn(plan, cas, bits, x, ptr, tokens, weights, forms))
+    return _out(_ffn(plan, cas, bits, x, ptr, tokens, weights, forms), x)
 
 
 def _checked_units(plan: _Plan, arena: np.ndarray, units: np.ndarray, bits: np.ndarray,
