@@ -21,10 +21,19 @@ from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
 from edge_moe.model.decoder import Decoder
 from edge_moe.model.layers import KVCache
-from edge_moe.model.load import dense_nbytes, dense_weights, eos_ids, read_model, tokenizer
+from edge_moe.model.load import (
+    chat_template,
+    dense_nbytes,
+    dense_weights,
+    eos_ids,
+    read_model,
+    special_tokens,
+    tokenizer,
+)
 from edge_moe.model.packed import check_dense_bits
 from edge_moe.runtime.arena import DeviceArena, HostArena
 from edge_moe.runtime.bit_policy import BitRequest
+from edge_moe.runtime.chat import render
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.generate import decode_tokens, prefill
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
@@ -112,6 +121,7 @@ class Model:
         _set_threads(threads, cfg)
         self.tokenizer = tokenizer(self.container)
         self.eos_ids = eos_ids(self.container, self.tokenizer)
+        self.chat_template, self.special_tokens = chat_template(self.container), special_tokens(self.container)
         eviction, speculative, keep = _streaming(streaming)
         # the plan, and a refusal, come before the first weight is read (dense sizes from the manifest)
         dense_bytes = dense_nbytes(self.container, dense_dtype, self.dense_bits)
@@ -221,8 +231,9 @@ class Model:
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
                      quality: float | None = None, min_bits: int | None = None, max_bits: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                     wait: bool | None = None) -> Iterator[int]:
-        """Yield new token ids one by one (prefill the prompt, then decode)."""
+                     wait: bool | None = None, stop: set[int] = frozenset()) -> Iterator[int]:
+        """Yield new token ids one by one (prefill the prompt, then decode), ending at the model's
+        end-of-sequence ids or at `stop`."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         prompt_ids = self._check_ids(prompt_ids)
@@ -234,7 +245,7 @@ class Model:
             t0 = time.perf_counter()
             logits = prefill(self._forward, list(prompt_ids), kv, call, self.prefill_chunk)[-1]
             t1, new = time.perf_counter(), 0
-            for token in decode_tokens(self._forward, logits, kv, call, max_tokens, pick, self.eos_ids):
+            for token in decode_tokens(self._forward, logits, kv, call, max_tokens, pick, self.eos_ids | stop):
                 new += 1
                 yield token
             self._record(call, start, len(prompt_ids), new, t1 - t0, time.perf_counter() - t1)
@@ -266,12 +277,34 @@ class Model:
 
     def stream(self, prompt: str, max_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield text pieces as tokens are generated (whole UTF-8 characters only)."""
-        ids, emitted = [], ""
-        for token in self.generate_ids(self.encode(prompt), max_tokens, **kwargs):
-            if token in self.eos_ids:
+        yield from self._text(self.encode(prompt), max_tokens, set(), **kwargs)
+
+    def chat_stream(self, messages: list[dict], max_tokens: int = 256, template: str | None = None,
+                    **kwargs) -> Iterator[str]:
+        """The assistant's reply to `messages` ([{"role": "user", "content": "..."}, ...]) in text pieces:
+        the file's chat template (or `template`) rendered as transformers renders it, ending at the
+        model's end-of-sequence ids or the tokenizer's eos_token (a template's end of turn)."""
+        template = template or self.chat_template
+        if template is None:
+            raise UsageError(f"{self.path} carries no chat template; pass template= or use plain text")
+        if self.tokenizer is None:
+            raise UsageError(f"{self.path} carries no tokenizer.json; chat needs text")
+        text = render(template, messages, add_generation_prompt=True, **self.special_tokens)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
+        eos = self.special_tokens.get("eos_token")
+        stop = {self.tokenizer.token_to_id(eos)} - {None} if eos else set()
+        yield from self._text(ids, max_tokens, stop, **kwargs)
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, **kwargs) -> str:
+        return "".join(self.chat_stream(messages, max_tokens, **kwargs))
+
+    def _text(self, ids: list[int], max_tokens: int, stop: set[int], **kwargs) -> Iterator[str]:
+        out, emitted, stop = [], "", self.eos_ids | stop
+        for token in self.generate_ids(ids, max_tokens, stop=stop, **kwargs):
+            if token in stop:
                 break
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
+            out.append(token)
+            text = self.tokenizer.decode(out)
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text

@@ -11,7 +11,7 @@ import warnings
 
 from edge_moe import __version__
 from edge_moe.config import CPU_DENSE_BITS, format_size
-from edge_moe.errors import EdgeMoeError
+from edge_moe.errors import EdgeMoeError, UsageError
 
 
 def _convert(args) -> None:
@@ -37,6 +37,8 @@ def _run(args) -> None:
     from edge_moe.runtime.bit_policy import BitRequest
     from edge_moe.runtime.sampling import check_sampling
 
+    if args.prompt is None and not args.chat:
+        raise UsageError("give --prompt TEXT (or --chat for a conversation)")
     knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
     check_sampling(args.temperature, args.top_p, args.max_tokens)  # before minutes of loading
     BitRequest.make(**knobs)
@@ -45,6 +47,10 @@ def _run(args) -> None:
                  gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits)
     if model.memory_plan.budget is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
+    if args.chat:
+        _chat(model, args, knobs)
+        model.close()
+        return
     model.encode(args.prompt)  # a model file without a tokenizer is refused before the echo
     print(args.prompt, end="", flush=True)
     with warnings.catch_warnings(record=True) as caught:  # shown after the text, not inside it
@@ -60,6 +66,34 @@ def _run(args) -> None:
     if args.stats:
         _print_stats(model.stats)
     model.close()
+
+
+def _chat(model, args, knobs: dict) -> None:
+    """One turn for --prompt, else a loop over lines read from stdin (the conversation kept)."""
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed, **knobs}
+    messages, turns = [], [args.prompt] if args.prompt is not None else _lines()
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for piece in model.chat_stream(messages, **sampling):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    if args.stats:
+        _print_stats(model.stats)
+
+
+def _lines():
+    """The user's messages, one a line, prompted for when stdin is a terminal; ends at EOF."""
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
 
 
 SIZE_STATS = ("peak_rss", "peak_rss_process", "memory_budget", "bytes_read", "bytes_read_per_token")
@@ -115,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_convert)
     r = sub.add_parser("run", help="generate text (the shipped demo model when MODEL is omitted)")
     r.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
-    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--prompt", default=None, help="text to continue; with --chat, the user's message")
+    r.add_argument("--chat", action="store_true",
+                   help="talk through the model's chat template: one turn with --prompt, else a prompt loop")
     r.add_argument("--max-tokens", type=int, default=64)
     r.add_argument("--bits", type=int, default=None, help="every expert at this width, 2..8 (default 8)")
     r.add_argument("--quality", type=float, default=None,

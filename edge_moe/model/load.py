@@ -158,3 +158,35 @@ def eos_ids(container: Container, tok: Tokenizer | None) -> set[int]:
         name = json.loads(container.read_file("tokenizer_config.json") or b"{}").get("eos_token")
         eos = tok.token_to_id(name) if isinstance(name, str) else None
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+def _tokenizer_config(container: Container) -> dict:
+    try:
+        cfg = json.loads(container.read_file("tokenizer_config.json") or b"{}")
+    except ValueError:
+        raise FormatError(f"{container.path}: its tokenizer_config.json is not JSON") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def chat_template(container: Container) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's (the one named
+    "default" where it holds several), or None."""
+    data = container.read_file("chat_template.jinja")
+    if data:
+        return data.decode()
+    template = _tokenizer_config(container).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def special_tokens(container: Container) -> dict[str, str]:
+    """bos_token, eos_token, unk_token and pad_token as text (what chat templates read)."""
+    cfg, out = _tokenizer_config(container), {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
