@@ -32,13 +32,13 @@ def _start_compile(args) -> None:
 
 
 def _run(args) -> None:
+    if args.prompt is None and not args.chat:
+        raise UsageError("give --prompt TEXT (or --chat for a conversation)")
     _start_compile(args)
     from edge_moe.api import load
     from edge_moe.runtime.bit_policy import BitRequest
     from edge_moe.runtime.sampling import check_sampling
 
-    if args.prompt is None and not args.chat:
-        raise UsageError("give --prompt TEXT (or --chat for a conversation)")
     knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
     check_sampling(args.temperature, args.top_p, args.max_tokens)  # before minutes of loading
     BitRequest.make(**knobs)

@@ -57,6 +57,7 @@ def test_cli_inspect():
     (("run", "--prompt", "x", "--temperature", "-1"), "--temperature -1.0: use 0 (greedy) or a positive"),
     (("run", "--prompt", "x", "--min-bits", "3"), "give --quality too, or --bits for one width"),
     (("run", str(DEMO_MODEL.parent), "--prompt", "x"), "is a directory, not an .emoe model file"),
+    (("run",), "give --prompt TEXT (or --chat for a conversation)"),
 ])
 def test_cli_bad_input_gives_clear_error(args, message):
     r = cli(*args)
