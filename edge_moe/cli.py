@@ -10,7 +10,7 @@ import threading
 import warnings
 
 from edge_moe import __version__
-from edge_moe.config import CPU_DENSE_BITS, format_size
+from edge_moe.config import CPU_DENSE_BITS, DENSE_BITS, format_size
 from edge_moe.errors import EdgeMoeError, UsageError
 
 
@@ -27,7 +27,7 @@ def _start_compile(args) -> None:
     it then does while they work (load() waits for them). Only for the cpu defaults it can name here."""
     from edge_moe.runtime.warm import groups_for, start
 
-    if args.device == "cpu" and args.backend in (None, "cpu") and args.dense_bits in (None, 4, 5, 6, 7, 8, 16):
+    if args.device == "cpu" and args.backend in (None, "cpu") and args.dense_bits in (None, *DENSE_BITS):
         start(groups_for("cpu", args.dense_bits or CPU_DENSE_BITS, True))
 
 

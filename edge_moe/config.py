@@ -50,7 +50,8 @@ class ModelConfig:
         return cls(**kwargs)
 
 
-CPU_DENSE_BITS = 8  # --dense-bits' default on the cpu (cuda keeps the file's bf16: 16)
+DENSE_BITS = (4, 5, 6, 7, 8, 16)  # --dense-bits' choices; 16: keep the file's bf16
+CPU_DENSE_BITS = 8  # its default on the cpu (cuda keeps the file's bf16: 16)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -290,15 +290,17 @@ class Container:
         self._verify(data, entry["crc32"], f"tensor {name}")
         return data
 
-    def verify_dense(self, name: str, chunk: int = 16 * 2**20) -> None:
+    def verify_dense(self, name: str) -> None:
         """Check a dense tensor's checksum reading it a chunk at a time (memory stays at one chunk)."""
         entry = self._dense_entry(name)
-        crc, buf = 0, np.empty(min(chunk, entry["nbytes"]), np.uint8)
-        for pos in range(0, entry["nbytes"], chunk):
-            n = min(chunk, entry["nbytes"] - pos)
-            crc = crc32(self._read(entry["offset"] + pos, n, buf), crc)
-        if f"{crc & 0xFFFFFFFF:08x}" != entry["crc32"]:
-            raise FormatError(f"{self.path}: checksum mismatch in tensor {name}; the file is corrupt, "
+        self._verify_range(entry["offset"], entry["nbytes"], entry["crc32"], f"tensor {name}")
+
+    def _verify_range(self, offset: int, nbytes: int, crc: str, what: str, chunk: int = 16 * 2**20) -> None:
+        got, buf = 0, np.empty(min(chunk, nbytes), np.uint8)
+        for pos in range(0, nbytes, chunk):
+            got = crc32(self._read(offset + pos, min(chunk, nbytes - pos), buf), got)
+        if f"{got & 0xFFFFFFFF:08x}" != crc:
+            raise FormatError(f"{self.path}: checksum mismatch in {what}; the file is corrupt, "
                               "convert the checkpoint again")
 
     def read_dense_range(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -385,7 +387,7 @@ class Container:
                     blobs.append((offset + start, self._level_ends[level - 1] - start, crc,
                                   f"expert {expert} of layer {layer}, level {level}"))
         for offset, nbytes, crc, what in blobs:
-            self._verify(self._read(offset, nbytes), crc, what)
+            self._verify_range(offset, nbytes, crc, what)
             checked += nbytes
             if progress is not None:
                 progress(nbytes)

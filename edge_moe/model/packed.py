@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from edge_moe.config import DENSE_BITS
 from edge_moe.errors import UsageError
 from edge_moe.format.layout import ExpertLayout, build_layout, pack_rows, unpack_matrix
 from edge_moe.format.nested import dequantize, msb_codes, nibbles_to_bytes, quantize, to_nibbles
 
-DENSE_BITS = (4, 5, 6, 7, 8, 16)  # 16: keep the file's bf16
 PACKED_SUFFIXES = (".qkv", ".o", ".shared_gate_up", ".shared_down", ".mlp_gate_up", ".mlp_down")
 ROWS_PER_BLOCK = 1024  # quantization temporaries stay at tens of MB whatever the matrix size
 PACK_THREADS = 2

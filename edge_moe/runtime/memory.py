@@ -120,6 +120,7 @@ class PeakRss:
     def __init__(self, interval: float = 0.005):
         self.interval = interval
         self._hwm = _has_hwm()
+        self._statm = _Statm.open()
         self._process = current_rss()  # the sampler's process peak (no VmHWM)
         self._mark, self._sampled = self.process_peak, current_rss()
         self._stop = threading.Event()
@@ -150,10 +151,13 @@ class PeakRss:
         self._mark, self._sampled = self.process_peak, current_rss()
 
     def sample(self) -> None:
-        """Fold the RSS of now into the request's peak (between forward steps: ~10 us from /proc)."""
-        self._sampled = max(self._sampled, _statm_rss())
+        """Fold the RSS of now into the request's peak (between forward steps: one pread of /proc)."""
+        self._sampled = max(self._sampled, self._statm.rss() if self._statm else current_rss())
 
     def stop(self) -> int:
+        if self._statm:
+            self._statm.close()
+            self._statm = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -171,12 +175,24 @@ def _read_hwm() -> int:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _statm_rss() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return current_rss()
+class _Statm:
+    """/proc/self/statm kept open: its resident pages read with one pread (no open/close per step)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    @classmethod
+    def open(cls) -> _Statm | None:
+        try:
+            return cls(os.open("/proc/self/statm", os.O_RDONLY))
+        except OSError:
+            return None
+
+    def rss(self) -> int:
+        return int(os.pread(self.fd, 128, 0).split()[1]) * _PAGE
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _has_hwm() -> bool:
