@@ -12,15 +12,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from edge_moe.config import CPU_DENSE_BITS, ModelConfig, format_size, parse_size
+from edge_moe.config import CPU_DENSE_BITS, format_size, parse_size
 from edge_moe.errors import BudgetError, BudgetWarning, FormatError, UsageError
 from edge_moe.format.container import Container
 from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.kernels import get_backend
+from edge_moe.model import host_layers
 from edge_moe.model.decoder import Decoder
-from edge_moe.model.layers import KVCache
 from edge_moe.model.load import (
     chat_template,
     dense_nbytes,
@@ -39,45 +38,69 @@ from edge_moe.runtime.generate import decode_tokens, prefill
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
 from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader, Want
-from edge_moe.runtime.sampling import check_sampling, sample
+from edge_moe.runtime.sampling import check_sampling, generator, sample
 from edge_moe.runtime.warm import groups_for as kernel_groups
 from edge_moe.runtime.warm import prepare as prepare_kernels
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo.emoe"
 
 
-SMALL_HIDDEN = 1024
-
-
-def _check_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
+def _check_device(device: str) -> str:
+    """'cpu', or 'cuda' ('cuda:N') when torch sees a GPU; torch is imported for cuda only."""
+    name = str(device)
+    if name != "cpu" and name.split(":")[0] != "cuda":
         raise UsageError(f"device {device!r} is not supported; use cpu or cuda")
-    return dev
+    if name != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return name
 
 
-def default_backend(device: torch.device) -> str:
+def default_backend(on_cuda: bool) -> str:
     """The fast kernels for the device (the reference ops stay available by name)."""
-    return "cuda" if device.type == "cuda" else "cpu"
+    return "cuda" if on_cuda else "cpu"
 
 
-def _set_threads(threads: int | None, cfg: ModelConfig) -> None:
-    """torch's intra-op threads: given, or 1 for small models, whose tiny ops only pay for thread
-    barriers (measured 16 vs 452 ms/token on the demo model with both cores busy elsewhere)."""
-    if threads is None and cfg.hidden_size < SMALL_HIDDEN:
-        threads = 1
-    if threads is not None:
+def _threads(threads: int | None, on_cuda: bool):
+    """A callable that sets the compute threads of the calling thread (numba's count is per thread; torch's
+    on cuda is global), or None for the default: every core."""
+    if threads is None:
+        return None
+    if on_cuda:
+        import torch
+
         torch.set_num_threads(int(threads))
+        return None
+    from numba import config, set_num_threads
+
+    if not 1 <= int(threads) <= config.NUMBA_NUM_THREADS:
+        raise UsageError(f"threads={threads}: use 1..{config.NUMBA_NUM_THREADS}")
+    return partial(set_num_threads, int(threads))
 
 
-def _dense_bits(bits: int | None, device: torch.device) -> int:
+def _dense_bits(bits: int | None, on_cuda: bool) -> int:
     """--dense-bits, checked: default 8 on the cpu, 16 (the file's bf16) on cuda, which packs nothing."""
-    bits = check_dense_bits(bits if bits is not None else 16 if device.type == "cuda" else CPU_DENSE_BITS)
-    if bits < 16 and device.type == "cuda":
+    bits = check_dense_bits(bits if bits is not None else 16 if on_cuda else CPU_DENSE_BITS)
+    if bits < 16 and on_cuda:
         raise UsageError("packed dense weights run on the cpu only; use --dense-bits 16 with --device cuda")
     return bits
+
+
+def _dense_dtype(dtype, on_cuda: bool):
+    """The dtype of unpacked dense tensors: on cuda a torch dtype (default bfloat16, the file's), on the
+    cpu float32 only (numpy has no bfloat16)."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if not on_cuda:
+        if name not in (None, "float32"):
+            raise UsageError(f"dense_dtype={dtype}: the cpu holds unpacked dense tensors as float32")
+        return None
+    import torch
+
+    if name not in (None, "bfloat16", "float16", "float32"):
+        raise UsageError(f"dense_dtype={dtype}: use bfloat16, float16 or float32")
+    return getattr(torch, name or "bfloat16")
 
 
 def _streaming(name: str | None) -> tuple[str, bool, bool]:
@@ -93,24 +116,27 @@ class Model:
     Calls from several threads are safe: they take turns, one forward step at a time."""
 
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str | None = None,
-                 dense_dtype: torch.dtype = torch.bfloat16, max_context: int = 2048, prefill_chunk: int = 32,
+                 dense_dtype=None, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
                  threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None,
                  resident_forms: bool = True):
         """dense_bits: 4..8 packs the projections and LM head (cpu; default 8): byte or nibble codes at 8
-        and 4, nested bit-planes at 5-7; 16 keeps them in `dense_dtype` (the default on cuda).
+        and 4, nested bit-planes at 5-7; 16 keeps them unpacked (the default on cuda): float32 on the cpu,
+        `dense_dtype` on cuda (default bfloat16). threads: the compute threads (default: every core).
         streaming: a name of runtime.moe.STREAMING; default HEBF, with next-layer prefetch where there
         are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
         faster layouts when the cache holds every chunk (False: always the file's planes)."""
         self.device = _check_device(device)
+        self.on_cuda = on_cuda = self.device != "cpu"
+        dtype = _dense_dtype(dense_dtype, on_cuda)
         # sizes checked before anything loads (parse_size takes its own output back unchanged)
         memory_budget = None if memory_budget is None else parse_size(memory_budget)
         gpu_memory_budget = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
-        backend = backend or default_backend(self.device)
+        backend = backend or default_backend(on_cuda)
         kernels = get_backend(backend)  # imports numba before the baseline
-        self.dense_bits = _dense_bits(dense_bits, self.device)
+        self.dense_bits = _dense_bits(dense_bits, on_cuda)
         # compiled in child processes the first time: LLVM's memory stays out of the budget
-        prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and self.device.type == "cpu"))
+        prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and not on_cuda))
         baseline = current_rss()
         self.rss = PeakRss()
         self.path, self.prefill_chunk = Path(path), int(prefill_chunk)
@@ -118,39 +144,57 @@ class Model:
         self.config, self.layout = read_model(self.container)
         cfg = self.config
         self.max_context = min(int(max_context), cfg.max_position_embeddings)
-        _set_threads(threads, cfg)
+        self._set_threads = _threads(threads, on_cuda)
         self.tokenizer = tokenizer(self.container)
         self.eos_ids = eos_ids(self.container, self.tokenizer)
         self.chat_template, self.special_tokens = chat_template(self.container), special_tokens(self.container)
         eviction, speculative, keep = _streaming(streaming)
         # the plan, and a refusal, come before the first weight is read (dense sizes from the manifest)
-        dense_bytes = dense_nbytes(self.container, dense_dtype, self.dense_bits)
+        dense_bytes = dense_nbytes(self.container, dtype.itemsize if on_cuda else 4, self.dense_bits)
         self.memory_plan = self._plan(memory_budget, gpu_memory_budget, dense_bytes, baseline).decide(
-            speculative, keep, resident_forms and self.device.type == "cpu")
-        dense = dense_weights(self.container, dense_dtype, self.dense_bits, kernels)
+            speculative, keep, resident_forms and not on_cuda)
+        place = self._to_device(dtype) if on_cuda else None
+        dense = dense_weights(self.container, self.dense_bits, kernels, place)
         trim_heap()
-        if self.device.type == "cuda":
-            dense = {k: v.to(self.device) for k, v in dense.items()}
         self.cache = self._cache(kernels, eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
         if self.memory_plan.fill:
             self.reader.fill()
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
-        self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers,
+        ops = self._layers()
+        self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers, ops.route,
                                     prefetch=speculative, keep=keep)
-        self.decoder = Decoder(cfg, dense, self.pipeline)
+        self.decoder = Decoder(cfg, dense, self.pipeline, ops)
         self.stats: dict = {}
         self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
         self._calls = 0  # calls in flight: a request's peak RSS restarts only when none is
         self._warned_degraded = False
 
+    def _to_device(self, dtype):
+        """cuda: each dense tensor to the GPU as it is read, bf16 ones in `dtype` (routers stay float32)."""
+        import torch
+
+        def place(a: np.ndarray, name: str):
+            if a.dtype == np.float32:
+                return torch.from_numpy(a).to(self.device)
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(self.device).to(dtype)
+
+        return place
+
+    def _layers(self):
+        """The decoder's layers: numpy and numba on the cpu, torch on cuda."""
+        if not self.on_cuda:
+            return host_layers
+        from edge_moe.model import torch_layers
+        return torch_layers
+
     def _plan(self, memory_budget, gpu_memory_budget, dense_bytes: int, baseline: int) -> MemoryPlan:
         """The host plan; on cuda the cache lives in VRAM, sized by --gpu-memory-budget (or every chunk)."""
-        cfg, kv = self.config, KVCache.bytes_for(self.config, self.max_context)
+        cfg, kv = self.config, host_layers.kv_bytes(self.config, self.max_context)
         budget = None if memory_budget is None else parse_size(memory_budget)
         plan = plan_memory(budget, cfg, dense_bytes, kv, self.layout.unit_bytes, self.prefill_chunk,
                            self.max_context, baseline)
-        if self.device.type != "cuda":
+        if not self.on_cuda:
             return plan
         gpu = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
         self.gpu_memory_plan = plan_memory(gpu, cfg, dense_bytes, kv, self.layout.unit_bytes,
@@ -160,7 +204,7 @@ class Model:
 
     def _cache(self, kernels, eviction: str) -> ExpertCache:
         cfg, units, unit_bytes = self.config, self.memory_plan.cache_units, self.layout.unit_bytes
-        arena = (DeviceArena(units, unit_bytes, self.device) if self.device.type == "cuda"
+        arena = (DeviceArena(units, unit_bytes, self.device) if self.on_cuda
                  else HostArena(units, unit_bytes))
         forms = kernels.resident_forms(self.layout, arena.data) if self.memory_plan.resident_forms else None
         return ExpertCache(self.layout, arena, list(cfg.moe_layers), cfg.num_experts, eviction=eviction,
@@ -184,8 +228,10 @@ class Model:
             raise UsageError(f"{self.path} carries no tokenizer.json; pass token ids instead of text")
         return self.tokenizer.encode(text).ids
 
-    def _forward(self, ids: torch.Tensor, kv: KVCache, call: Call, all_logits: bool = False) -> torch.Tensor:
+    def _forward(self, ids: list[int], kv, call: Call, all_logits: bool = False) -> np.ndarray:
         with self._step_lock:
+            if self._set_threads:
+                self._set_threads()
             out = self.decoder.forward(ids, kv, call, all_logits)
             self.rss.sample()
             return out
@@ -221,7 +267,7 @@ class Model:
         """Full-sequence forward: logits [T, V] float32 for every position."""
         ids = self._check_ids(token_ids)
         with self._call(len(ids), {"bits": bits, **knobs}) as (call, kv, start):
-            out = prefill(self._forward, ids, kv, call, self.prefill_chunk, all_logits=True).numpy()
+            out = prefill(self._forward, ids, kv, call, self.prefill_chunk, all_logits=True)
             self._warn_if_degraded(call)
             self.stats = {"prompt_tokens": len(ids), **call.stats.as_dict(),
                           "bytes_read": self.reader.bytes_read - start["bytes"], "peak_rss": self.rss.peak,
@@ -240,8 +286,7 @@ class Model:
         check_sampling(temperature, top_p, max_tokens)
         knobs = {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits, "wait": wait}
         with self._call(len(prompt_ids) + max_tokens, knobs) as (call, kv, start):
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            pick = partial(sample, temperature=temperature, top_p=top_p, generator=gen)
+            pick = partial(sample, temperature=temperature, top_p=top_p, rng=generator(seed))
             t0 = time.perf_counter()
             logits = prefill(self._forward, list(prompt_ids), kv, call, self.prefill_chunk)[-1]
             t1, new = time.perf_counter(), 0

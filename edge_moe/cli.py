@@ -23,8 +23,9 @@ def _convert(args) -> None:
 
 
 def _start_compile(args) -> None:
-    """On a first run, start the kernels' compile children before this process imports torch, which
-    it then does while they work (load() waits for them). Only for the cpu defaults it can name here."""
+    """On a first run, start the kernels' compile children first; this process reads the model file's
+    header and tokenizer while they work (load() waits for them). Only for the cpu defaults it can
+    name here."""
     from edge_moe.runtime.warm import groups_for, start
 
     if args.device == "cpu" and args.backend in (None, "cpu") and args.dense_bits in (None, *DENSE_BITS):

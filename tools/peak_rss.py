@@ -61,7 +61,8 @@ def main(argv=None) -> int:
             tree, tree_t = total, now
         time.sleep(args.interval)
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(f"exit code {child.returncode}; {samples} samples over {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    seconds = time.monotonic() - t0
+    print(f"exit code {child.returncode}; {samples} samples over {seconds:.1f} s", file=sys.stderr)
     print(f"peak RSS of the process: {format_size(peak)} at {peak_t:.2f} s (sampled); "
           f"{format_size(maxrss)} (getrusage, its largest process)", file=sys.stderr)
     print(f"peak RSS of the process tree: {format_size(tree)} at {tree_t:.2f} s (sampled)", file=sys.stderr)

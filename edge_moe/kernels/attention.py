@@ -1,6 +1,8 @@
 """The decoder's small cpu ops as single numba calls: RMSNorm of rows, one decode token's attention
-(q/k RMSNorm, rotary embedding, KV cache write, grouped-query softmax attention) and its router's
-top-k. Their torch forms are ~30 ops per layer, each paying torch's dispatch."""
+(q/k RMSNorm, rotary embedding, KV cache write, grouped-query softmax attention), a prompt chunk's
+causal attention, and the router's top-k. In numpy they are dozens of small ops per layer, and
+numpy's matmul would start BLAS threads that fight the kernels' threads for the cores (prefill at
+half speed on 2 cores)."""
 
 from __future__ import annotations
 
@@ -71,25 +73,44 @@ def decode_attention(q, k, v, q_norm, k_norm, norm, eps, cos, sin, keys, values,
     scale = np.float32(1.0 / np.sqrt(hd))
     group = H // KV
     for h in prange(H):
-        g = h // group
-        score = np.empty(pos + 1, np.float32)
-        top = np.float32(-np.inf)
-        for s in range(pos + 1):
-            d = np.float32(0.0)
-            for i in range(hd):
-                d += q[h, i] * keys[s, g, i]
-            score[s] = d * scale
-            top = max(top, score[s])
-        total = np.float32(0.0)
-        for s in range(pos + 1):
-            score[s] = np.exp(score[s] - top)
-            total += score[s]
+        _attend(q[h], keys, values, h // group, pos + 1, scale, out[h])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def prefill_attention(q, keys, values, pos0, out):
+    """out [T, H, hd] = causal softmax attention of the rotated queries q [T, H, hd] at positions
+    pos0..pos0+T-1 over keys / values [S, KV, hd], filled up to pos0+T; head h reads KV head
+    h // (H / KV). One (token, head) pair per job: no [H, T, S] score tensor."""
+    T, H, hd = q.shape
+    group = H // keys.shape[1]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for job in prange(T * H):
+        t, h = job // H, job % H
+        _attend(q[t, h], keys, values, h // group, pos0 + t + 1, scale, out[t, h])
+
+
+@njit(inline='always')
+def _attend(q, keys, values, g, n, scale, out):
+    """out [hd] = softmax(q . keys[:n, g] * scale) @ values[:n, g]."""
+    hd = q.shape[0]
+    score = np.empty(n, np.float32)
+    top = np.float32(-np.inf)
+    for s in range(n):
+        d = np.float32(0.0)
         for i in range(hd):
-            out[h, i] = 0.0
-        for s in range(pos + 1):
-            p = score[s] / total
-            for i in range(hd):
-                out[h, i] += p * values[s, g, i]
+            d += q[i] * keys[s, g, i]
+        score[s] = d * scale
+        top = max(top, score[s])
+    total = np.float32(0.0)
+    for s in range(n):
+        score[s] = np.exp(score[s] - top)
+        total += score[s]
+    for i in range(hd):
+        out[i] = 0.0
+    for s in range(n):
+        p = score[s] / total
+        for i in range(hd):
+            out[i] += p * values[s, g, i]
 
 
 @njit(fastmath=True)
@@ -122,3 +143,10 @@ def route_token(x, router, renorm, weights, experts):
         experts[j], weights[j] = best, p[best]
     if renorm:
         weights /= weights.sum()
+
+
+@njit(cache=True, nogil=True)
+def route_rows(x, router, renorm, weights, experts):
+    """route_token of each row of x [T, D] into weights / experts [T, K]."""
+    for t in range(x.shape[0]):
+        route_token(x[t], router, renorm, weights[t], experts[t])

@@ -1,4 +1,5 @@
-"""Slow, obvious reference ops on nested experts: dequantize with the format oracle, then matmul."""
+"""Slow, obvious reference ops on nested experts: dequantize with the format oracle, then matmul in torch.
+x may be a tensor or a numpy array; the result is of the same kind."""
 
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ def dequantized(layout: ExpertLayout, buf: np.ndarray, matrix: str, bits: int) -
     return torch.from_numpy(dequantize(unpack_matrix(layout, buf, matrix, bits), bits))
 
 
+def _tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, np.float32))
+
+
+def _like(y: torch.Tensor, x):
+    """y as x's kind: a tensor, or a numpy array."""
+    return y if isinstance(x, torch.Tensor) else y.numpy()
+
+
 def nested_matmul(layout: ExpertLayout, buf: np.ndarray, matrix: str, x: torch.Tensor,
                   bits: int) -> torch.Tensor:
     """y [T, O] = x [T, N] @ W_b.T."""
-    return x.float() @ dequantized(layout, buf, matrix, bits).T
+    return _like(_tensor(x).float() @ dequantized(layout, buf, matrix, bits).T, x)
 
 
 def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +37,7 @@ def byte_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: to
     o, ng = scale.shape
     q = torch.from_numpy(codes.reshape(o, ng, -1)).float()
     w = (q * torch.from_numpy(scale)[..., None] + torch.from_numpy(minimum)[..., None]).reshape(o, -1)
-    return x.float() @ w[:, :x.shape[1]].T
+    return _like(_tensor(x).float() @ w[:, :x.shape[1]].T, x)
 
 
 def nibble_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: torch.Tensor) -> torch.Tensor:
@@ -37,8 +47,8 @@ def nibble_matmul(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, x: 
 
 def expert_ffn(layout: ExpertLayout, buf: np.ndarray, x: torch.Tensor, bits: int) -> torch.Tensor:
     """SwiGLU expert at `bits`: down(silu(gate(x)) * up(x)), x [T, D] -> [T, D]."""
-    gate, up = nested_matmul(layout, buf, "gate_up", x, bits).chunk(2, dim=-1)
-    return nested_matmul(layout, buf, "down", F.silu(gate) * up, bits)
+    gate, up = nested_matmul(layout, buf, "gate_up", _tensor(x), bits).chunk(2, dim=-1)
+    return _like(nested_matmul(layout, buf, "down", F.silu(gate) * up, bits), x)
 
 
 def moe_ffn(layout: ExpertLayout, slab: np.ndarray, slots: np.ndarray, bits: np.ndarray,
@@ -69,14 +79,14 @@ def moe_ffn_units(layout: ExpertLayout, arena: np.ndarray, units: np.ndarray, bi
     """moe_ffn on experts held as arena units (the runtime's form): entry j's chunk c is
     arena[units[j, c]]; x [T, D] -> out [T, D] float32 on x's device."""
     out = torch.zeros(x.shape, dtype=torch.float32)
-    xt = x.detach().float().cpu()
+    xt = _tensor(x).detach().float().cpu()
     for j in range(len(bits)):
         rows = torch.from_numpy(np.asarray(tokens[ptr[j]:ptr[j + 1]], dtype=np.int64))
         if len(rows):
             y = expert_ffn_units(layout, arena, units[j], xt[rows], int(bits[j]))
             w = torch.from_numpy(np.asarray(weights[ptr[j]:ptr[j + 1]], np.float32))
             out.index_add_(0, rows, y * w[:, None])
-    return out.to(x.device)
+    return out.to(x.device) if isinstance(x, torch.Tensor) else out.numpy()
 
 
 def resident_forms(layout: ExpertLayout, arena) -> None:

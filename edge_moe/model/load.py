@@ -7,7 +7,6 @@ import json
 import math
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from edge_moe.config import ModelConfig
@@ -91,15 +90,20 @@ class _FileRows:
         for name in names:
             container.verify_dense(name)
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
+    def __getitem__(self, rows: slice) -> np.ndarray:
         r0, r1, _ = rows.indices(self.shape[0])
         pieces, row_bytes = [], 2 * self.shape[1]
         for name, lo, hi in zip(self.names, self.starts[:-1], self.starts[1:], strict=True):
             a, b = max(r0, lo), min(r1, hi)
             if a < b:
                 raw = self.container.read_dense_range(name, int(a - lo) * row_bytes, int(b - lo) * row_bytes)
-                pieces.append(torch.from_numpy(raw).view(torch.bfloat16).reshape(b - a, self.shape[1]))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                pieces.append(bf16_to_f32(raw).reshape(b - a, self.shape[1]))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 values held as bytes (the file's dense dtype) -> float32, exactly (numpy has no bfloat16)."""
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def _fused_names(container: Container) -> dict[str, list[str]]:
@@ -111,7 +115,7 @@ def _fused_names(container: Container) -> dict[str, list[str]]:
     return fused
 
 
-def dense_nbytes(container: Container, dtype: torch.dtype, bits: int) -> int:
+def dense_nbytes(container: Container, itemsize: int, bits: int) -> int:
     """What dense_weights will hold, from the manifest alone (the plan is made before the first weight)."""
     total, dense = 0, container.manifest["dense"]
     for name, parts in _fused_names(container).items():
@@ -120,15 +124,15 @@ def dense_nbytes(container: Container, dtype: torch.dtype, bits: int) -> int:
         if bits < 16 and packs(name):
             total += packed_nbytes((shape[0], shape[1]), bits)
         else:
-            total += numel * (4 if name.endswith(".router") else dtype.itemsize)
+            total += numel * (4 if name.endswith(".router") else itemsize)
     return total
 
 
-def dense_weights(container: Container, dtype: torch.dtype, bits: int, backend) -> dict:
-    """Dense tensors in `dtype`; with bits < 16 the embedding, projections and LM head are packed as
-    they are read, a block of rows at a time. A layer's q, k and v (and their biases) become one `qkv`
-    tensor. Routers are float32: their top-k decides everything downstream, and a float32 GEMV of
-    [E, D] is ~4x faster on the cpu than torch's bf16 one."""
+def dense_weights(container: Container, bits: int, backend, place=None) -> dict:
+    """Dense tensors as float32 numpy arrays, or what `place(array, name)` makes of each (cuda: a tensor on
+    the GPU, one at a time), given bf16 values as uint16 [shape], and routers as float32: their top-k
+    decides everything downstream. With bits < 16 the embedding, projections and LM head are packed as
+    they are read, a block of rows at a time. A layer's q, k and v (and their biases) become one `qkv`."""
     out = {}
     for name, parts in _fused_names(container).items():
         if len(parts) not in (1, 3):
@@ -137,10 +141,11 @@ def dense_weights(container: Container, dtype: torch.dtype, bits: int, backend) 
         if bits < 16 and packs(name):
             out[name] = pack_linear(_FileRows(container, parts), bits, backend)
             continue
-        raws = [torch.from_numpy(container.read_dense(p)).view(torch.bfloat16)
-                .reshape(container.manifest["dense"][p]["shape"]) for p in parts]
-        raw = raws[0] if len(raws) == 1 else torch.cat(raws)
-        out[name] = raw.float() if name.endswith(".router") else raw.to(dtype)
+        raws = [container.read_dense(p).view(np.uint16).reshape(container.manifest["dense"][p]["shape"])
+                for p in parts]
+        raw = raws[0] if len(raws) == 1 else np.concatenate(raws)
+        value = bf16_to_f32(raw) if place is None or name.endswith(".router") else raw
+        out[name] = value if place is None else place(value, name)
     return out
 
 

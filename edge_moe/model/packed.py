@@ -9,7 +9,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from edge_moe.config import DENSE_BITS
 from edge_moe.errors import UsageError
@@ -45,12 +44,12 @@ class PackedLinear:
     def nbytes(self) -> int:
         return self.buf.nbytes
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows W[ids] [T, N] float32 (an embedding lookup)."""
-        m = unpack_matrix(self.layout, self.buf, "w", self.bits, rows=ids.cpu().numpy())
-        return torch.from_numpy(dequantize(m, self.bits))
+        m = unpack_matrix(self.layout, self.buf, "w", self.bits, rows=np.asarray(ids))
+        return np.ascontiguousarray(dequantize(m, self.bits), np.float32)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         lead = x.shape[:-1]
         y = self.backend.nested_matmul(self.layout, self.buf, "w", x.reshape(-1, self.shape[1]), self.bits)
         return y.reshape(*lead, self.shape[0])
@@ -74,16 +73,16 @@ class ByteLinear(PackedLinear):
         """The codes of rows i, one per byte [len(i), ng*G]."""
         return self.codes[i]
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        i = ids.cpu().numpy()
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        i = np.asarray(ids)
         o, ng = len(i), self.scale.shape[1]
         q = self.byte_codes(i).reshape(o, ng, -1).astype(np.float32)
         w = q * self.scale[i][..., None] + self.minimum[i][..., None]
-        return torch.from_numpy(np.ascontiguousarray(w.reshape(o, -1)[:, :self.shape[1]]))
+        return np.ascontiguousarray(w.reshape(o, -1)[:, :self.shape[1]])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         matmul = getattr(self.backend, self.matmul)
-        if x.dim() == 2:  # the decoder's rows: no reshapes (each torch op is ~5-10 us of a decode step)
+        if x.ndim == 2:  # the decoder's rows: no reshapes
             return matmul(self.codes, self.scale, self.minimum, x)
         y = matmul(self.codes, self.scale, self.minimum, x.reshape(-1, self.shape[1]))
         return y.reshape(*x.shape[:-1], self.shape[0])
@@ -109,8 +108,14 @@ def packed_nbytes(shape: tuple[int, int], bits: int) -> int:
     return build_layout({"w": (o, n)}, SCHEME, GROUP).bytes_for_bits(bits)
 
 
+def _f32(rows) -> np.ndarray:
+    """A block of rows as float32 numpy (a numpy array, or a tensor in tests and tools)."""
+    return rows if isinstance(rows, np.ndarray) and rows.dtype == np.float32 else \
+        np.asarray(rows.float() if hasattr(rows, "float") else rows, np.float32)
+
+
 def pack_codes(w, bits: int, backend) -> ByteLinear:
-    """Quantize W [O, N] (a tensor, or anything with .shape whose row slices are tensors) to 8-bit byte
+    """Quantize W [O, N] (an array, a tensor, or anything with .shape whose row slices are either) to 8-bit byte
     codes (ByteLinear) or their top 4 bits as nibbles (NibbleLinear), block of rows by block."""
     o, n = w.shape
     ng = -(-n // GROUP)
@@ -118,7 +123,7 @@ def pack_codes(w, bits: int, backend) -> ByteLinear:
     scale, minimum = np.zeros((o, ng), np.float32), np.zeros((o, ng), np.float32)
 
     def pack_block(r: int) -> None:
-        q, s, m = msb_codes(w[r:r + ROWS_PER_BLOCK].float().numpy(), GROUP)
+        q, s, m = msb_codes(_f32(w[r:r + ROWS_PER_BLOCK]), GROUP)
         s, m = s.astype(np.float32), m.astype(np.float32)
         if bits == 4:  # the 4-bit planes' values (nested.group_coefficients), exactly
             q, s, m = to_nibbles(q.reshape(len(q), -1) >> 4), s * np.float32(16), m + s * np.float32(7.5)
@@ -146,7 +151,7 @@ def pack_linear(w, bits: int, backend) -> PackedLinear:
     buf = np.zeros(layout.bytes_for_bits(bits), dtype=np.uint8)
 
     def pack_block(r: int) -> None:
-        pack_rows(layout, buf, {"w": quantize(w[r:r + ROWS_PER_BLOCK].float().numpy(), SCHEME, GROUP)}, r)
+        pack_rows(layout, buf, {"w": quantize(_f32(w[r:r + ROWS_PER_BLOCK]), SCHEME, GROUP)}, r)
 
     _by_row_blocks(o, pack_block)
     return PackedLinear(layout, buf, bits, backend)

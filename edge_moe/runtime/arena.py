@@ -11,7 +11,6 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
-import torch
 
 from edge_moe.format.container import Container
 from edge_moe.format.nested import MAX_BITS, bits_to_level, chunk_level
@@ -44,7 +43,9 @@ class HostArena:
 class DeviceArena:
     """Units in GPU memory, written from pinned staging buffers on a dedicated copy stream."""
 
-    def __init__(self, n_units: int, unit_bytes: int, device: torch.device):
+    def __init__(self, n_units: int, unit_bytes: int, device: str):
+        import torch  # the cpu run path imports no torch
+
         self.device = torch.device(device)
         self.data = torch.empty((n_units, unit_bytes), dtype=torch.uint8, device=self.device)
         self.staging = torch.empty((MAX_BITS, unit_bytes), dtype=torch.uint8, pin_memory=True)
@@ -56,6 +57,8 @@ class DeviceArena:
 
     def load(self, container: Container, layer: int, expert: int, first: int, target: int,
              units: list[int], sizes, verify: bool) -> int:
+        import torch
+
         dests = [self._host[i, :sizes[first + i]] for i in range(len(units))]
         levels = chunk_level(first), bits_to_level(target)
         got = container.read_levels(layer, expert, *levels, dests, verify=verify)

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from edge_moe.format.nested import BASE_BITS
-from edge_moe.model.layers import route
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.expert_cache import ExpertCache, Lease
 from edge_moe.runtime.reader import Reader, Want
@@ -118,27 +116,28 @@ def _ones(k: int) -> np.ndarray:
     return np.ones(k, np.int64)
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A tensor's values as numpy, without a copy on the cpu."""
-    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+def _host(a) -> np.ndarray:
+    """An array's values as numpy: itself on the cpu, a copy of a cuda tensor."""
+    return a if isinstance(a, np.ndarray) else a.cpu().numpy()
 
 
 class MoePipeline:
     """The decoder's `experts` callable, streaming expert levels through the cache."""
 
-    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend,
-                 routers: dict[int, torch.Tensor], prefetch: bool = True, keep: bool = True):
+    def __init__(self, cfg, cache: ExpertCache, reader: Reader, backend, routers: dict, route,
+                 prefetch: bool = True, keep: bool = True):
+        """routers: each MoE layer's router weights; route: the decoder's gate (x, router, cfg) ->
+        (weights, experts), applied to guess the next layer's experts."""
         self.cfg, self.cache, self.reader, self.backend = cfg, cache, reader, backend
         self.prefetch, self.keep = prefetch, keep
-        self.routers = routers
+        self.routers, self.gate = routers, route
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:], strict=False))
 
-    def route(self, weights: torch.Tensor, experts: torch.Tensor, request: BitRequest) -> Routing:
-        w = _host(weights.float())  # bookkeeping on the host
+    def route(self, weights, experts, request: BitRequest) -> Routing:
+        w = _host(weights).astype(np.float32, copy=False)  # bookkeeping on the host
         return group_by_expert(_host(experts), w, request.assign(w))
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                 call: Call | None = None) -> torch.Tensor:
+    def __call__(self, layer: int, x, weights, experts, call: Call | None = None):
         call = call or Call()
         routing = self.route(weights, experts, call.request)
         lease = self.cache.acquire(layer, routing.experts, routing.counts, routing.want)
@@ -154,7 +153,7 @@ class MoePipeline:
         self._prefetch(layer, x, call)
         return y
 
-    def _stream(self, lease: Lease, routing: Routing, x: torch.Tensor, call: Call) -> torch.Tensor:
+    def _stream(self, lease: Lease, routing: Routing, x, call: Call):
         """Hand the reader what is missing, then compute experts in batches as their levels land."""
         req, resident = call.request, lease.held.copy()
         must = routing.must(req)
@@ -168,7 +167,10 @@ class MoePipeline:
                 self.cache.refresh(lease, k)
             self._prepare_forms(lease, routing, ready)
             y = self._compute(lease, routing, np.array(ready), x, call, resident)
-            out = y if out is None else out.add_(y)
+            if out is None:
+                out = y
+            else:
+                out += y
             self.cache.release(lease, ready, drop=not self.keep)
         return out
 
@@ -190,8 +192,8 @@ class MoePipeline:
             pairs = routing.bits[routing.ptr[k]:routing.ptr[k + 1]]
             self.cache.prepare_form(lease, k, np.unique(np.minimum(pairs, lease.held[k])).tolist())
 
-    def _compute(self, lease: Lease, routing: Routing, idx: np.ndarray, x: torch.Tensor, call: Call,
-                 resident: np.ndarray) -> torch.Tensor:
+    def _compute(self, lease: Lease, routing: Routing, idx: np.ndarray, x, call: Call,
+                 resident: np.ndarray):
         """One kernel call over the experts idx (None: all, in routing order); an expert's pairs split by
         width, each capped by the levels it holds. `resident`: chunks held when acquired, for the stats
         (None: every expert held its bits: a ready lease)."""
@@ -209,13 +211,13 @@ class MoePipeline:
         call.stats.expert_compute_s += time.perf_counter() - t0
         return y
 
-    def _prefetch(self, layer: int, x: torch.Tensor, call: Call) -> None:
+    def _prefetch(self, layer: int, x, call: Call) -> None:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
         if self.cache.layer_holds(nxt, call.request.max_bits):
             return  # the whole next layer is resident at the widest width asked for: nothing to guess
-        routing = self.route(*route(x, self.routers[nxt], self.cfg), call.request)
+        routing = self.route(*self.gate(x, self.routers[nxt], self.cfg), call.request)
         wants = routing.wants(routing.must(call.request), range(len(routing.experts)))
         self.reader.submit(nxt, wants, prefetch=True, floor=call.floor)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from edge_moe.errors import UsageError
 
@@ -17,14 +17,24 @@ def check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
         raise UsageError(f"--max-tokens {max_tokens}: use 0 or more")
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
+def generator(seed: int | None) -> np.random.Generator:
+    """The random source of one request: seeded (reproducible), or from the OS."""
+    return np.random.default_rng(seed)
+
+
+def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
+           rng: np.random.Generator | None = None) -> int:
     """One token id from logits [V]; temperature 0 is greedy."""
-    if temperature <= 0:  # numpy's argmax: 9 us on 50k cpu logits, torch's 130 us (2.13, 2-core Zen 3)
-        return int(logits.float().numpy().argmax() if logits.device.type == "cpu" else torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # smallest prefix with mass >= top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(z - z.max())
+    ids = None
+    if top_p < 1.0:  # the smallest prefix, by probability, whose mass reaches top_p
+        ids = np.argsort(-probs, kind="stable")
+        ranked = probs[ids] / probs.sum()
+        keep = int(np.searchsorted(np.cumsum(ranked), top_p)) + 1
+        ids, probs = ids[:keep], ranked[:keep]
+    cdf = np.cumsum(probs)
+    k = min(int(np.searchsorted(cdf, (rng or generator(None)).random() * cdf[-1], side="right")), len(cdf) - 1)
+    return k if ids is None else int(ids[k])

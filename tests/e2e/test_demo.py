@@ -104,3 +104,17 @@ def test_logits_shape_and_bits(model):
     l8, l2 = model.logits(ids, bits=8), model.logits(ids, bits=2)
     assert l8.shape == (len(ids), model.config.vocab_size) and l8.dtype == np.float32
     assert np.isfinite(l8).all() and not np.allclose(l8, l2)
+
+
+def test_cpu_run_imports_no_torch_and_fits_300mb():
+    """The cpu run path is numpy and numba only (torch is for cuda, conversion and tests): the demo model
+    runs under a 300 MB budget, measured by the kernel's high-water mark of the process (VmHWM; getrusage
+    would report pytest's RSS, which the child's mark inherits across exec)."""
+    code = ("import re, sys; from edge_moe.cli import main; main(sys.argv[1:]); "
+            "peak = int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1]) * 1024; "
+            "print('\\nimports torch:', 'torch' in sys.modules, peak)")
+    r = subprocess.run([sys.executable, "-c", code, "run", "--prompt", PROMPT, "--max-tokens", "8",
+                        "--memory-budget", "300MB"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    imported, peak = r.stdout.rsplit("imports torch:", 1)[1].split()
+    assert imported == "False" and int(peak) <= 300e6, r.stderr

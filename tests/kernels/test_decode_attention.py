@@ -1,13 +1,21 @@
-"""kernels.attention against torch: decode_attention (RMSNorm, rotate-half rope, SDPA with GQA) and
-route_token (softmax, top-k), add_rms_rows (residual add, RMSNorm)."""
+"""kernels.attention against torch: decode_attention (RMSNorm, rotate-half rope, SDPA with GQA),
+prefill_attention (causal SDPA with GQA after cached tokens), route_token and route_rows (softmax,
+top-k), add_rms_rows (residual add, RMSNorm)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_moe.kernels.attention import QK_NORMS, add_rms_rows, decode_attention, route_token
-from edge_moe.model.layers import Rope
+from edge_moe.kernels.attention import (
+    QK_NORMS,
+    add_rms_rows,
+    decode_attention,
+    prefill_attention,
+    route_rows,
+    route_token,
+)
+from edge_moe.model.host_layers import Rope
 from tests.tolerances import FLOAT32_OP_ATOL, FLOAT32_OP_REL
 
 
@@ -27,7 +35,7 @@ def test_decode_attention_matches_torch(heads, kv, qk_norm, pos):
     width = {"none": 0, "head": hd, "full": None}[qk_norm]
     qn = torch.rand(heads * hd if width is None else width, generator=g) + 0.5
     kn = torch.rand(kv * hd if width is None else width, generator=g) + 0.5
-    cos, sin = (t[pos, 0] for t in Rope(hd, 10000.0).tables(pos + 1, "cpu"))
+    cos, sin = (torch.from_numpy(t[pos]) for t in Rope(hd, 10000.0).tables(pos + 1))
 
     rq, rk = q.clone(), k.clone()  # the torch form of model.layers.attention
     if qk_norm == "full":
@@ -89,3 +97,32 @@ def test_add_rms_rows_adds_in_place_then_norms(rows):
     add_rms_rows(h.numpy(), delta.numpy(), weight.numpy(), np.float32(1e-6), out)
     np.testing.assert_array_equal(h.numpy(), want_h.numpy())
     np.testing.assert_allclose(out, want.numpy(), rtol=FLOAT32_OP_REL, atol=FLOAT32_OP_ATOL)
+
+
+@pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (6, 1)])
+@pytest.mark.parametrize("pos0, t", [(0, 1), (0, 7), (5, 4)])
+def test_prefill_attention_matches_causal_torch_sdpa(heads, kv, pos0, t):
+    hd = 16
+    g = torch.Generator().manual_seed(pos0 * 13 + t + heads + kv)
+    q = torch.randn(t, heads, hd, generator=g)
+    keys, values = torch.randn(20, kv, hd, generator=g), torch.randn(20, kv, hd, generator=g)
+    end = pos0 + t
+    mask = torch.arange(end)[None, :] <= torch.arange(pos0, end)[:, None]  # query i sees 0..pos0+i
+    seen = [c[:end].transpose(0, 1)[None] for c in (keys, values)]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], *seen, attn_mask=mask,
+                                         enable_gqa=heads != kv)[0].transpose(0, 1)
+    out = np.empty((t, heads, hd), np.float32)
+    prefill_attention(q.numpy(), keys.numpy(), values.numpy(), pos0, out)
+    np.testing.assert_allclose(out, ref.numpy(), rtol=FLOAT32_OP_REL, atol=FLOAT32_OP_REL)
+
+
+def test_route_rows_routes_each_row_as_route_token():
+    g = torch.Generator().manual_seed(5)
+    x, router = torch.randn(6, 96, generator=g).numpy(), torch.randn(16, 96, generator=g).numpy()
+    w, e = np.empty((6, 4), np.float32), np.empty((6, 4), np.int64)
+    route_rows(x, router, True, w, e)
+    for t in range(6):
+        wt, et = np.empty(4, np.float32), np.empty(4, np.int64)
+        route_token(x[t], router, True, wt, et)
+        np.testing.assert_array_equal(w[t], wt)
+        np.testing.assert_array_equal(e[t], et)

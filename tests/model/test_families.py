@@ -9,7 +9,12 @@ from edge_moe.convert import convert
 from edge_moe.kernels import cpu
 from edge_moe.kernels.reference import dequantized
 from tests.model.tiny import FAMILIES, expert_modules, ref_greedy, ref_logits, save_tiny
-from tests.tolerances import FORWARD_INT8_ACT_REL, FORWARD_SAME_WEIGHTS_REL, LOGITS_8BIT_REL
+from tests.tolerances import (
+    DECODE_VS_PREFILL_REL,
+    FORWARD_INT8_ACT_REL,
+    FORWARD_SAME_WEIGHTS_REL,
+    LOGITS_8BIT_REL,
+)
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 5, 64, 31]
 
@@ -85,6 +90,22 @@ def test_kv_cache_decode_matches_full_forward(family):
     _, _, model = family
     full = model.logits(PROMPT, bits=8)
     cache = model.decoder.new_cache(len(PROMPT))
-    model.decoder.forward(torch.tensor(PROMPT[:6]), cache)
-    steps = [model.decoder.forward(torch.tensor([t]), cache)[0].numpy() for t in PROMPT[6:]]
-    assert rel_err(np.stack(steps), full[6:]) < FORWARD_SAME_WEIGHTS_REL
+    model.decoder.forward(PROMPT[:6], cache)
+    steps = [model.decoder.forward([t], cache)[0] for t in PROMPT[6:]]
+    assert rel_err(np.stack(steps), full[6:]) < DECODE_VS_PREFILL_REL
+
+
+def test_torch_layers_match_host_layers(family):
+    """The decoder on model.torch_layers (cuda's path), run here on cpu tensors over the same weights and
+    experts, gives the logits of the host layers (numpy and numba, the cpu path)."""
+    from edge_moe.model import torch_layers
+    from edge_moe.model.decoder import Decoder
+    from edge_moe.runtime.bit_policy import BitRequest
+    from edge_moe.runtime.moe import Call
+
+    _, _, model = family
+    weights = {k: torch.from_numpy(v) for k, v in model.decoder.w.items()}
+    on_torch = Decoder(model.config, weights, model.pipeline, torch_layers)
+    got = on_torch.forward(PROMPT, torch_layers.KVCache(model.config, len(PROMPT), device="cpu"),
+                           Call(BitRequest.make(bits=8)), all_logits=True)
+    assert rel_err(got, model.logits(PROMPT, bits=8)) < FORWARD_SAME_WEIGHTS_REL

@@ -10,12 +10,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import edge_moe
 from edge_moe.errors import BudgetError, BudgetWarning, UsageError
 from edge_moe.format.nested import MAX_BITS
-from edge_moe.model.layers import KVCache, route
+from edge_moe.model.host_layers import kv_bytes, route
 from edge_moe.runtime.memory import MIN_MARGIN, activation_bytes, current_rss
 from edge_moe.runtime.warm import prepare
 
@@ -27,7 +26,7 @@ print(json.dumps({"rc": child.returncode, "out": child.stdout, "err": child.stde
 """
 
 WORKLOAD = """
-import json, os, sys, numpy as np, edge_moe, edge_moe.api  # import torch and numba before measuring
+import json, os, sys, numpy as np, edge_moe, edge_moe.api  # import numba before measuring
 from edge_moe.runtime.warm import groups_for, prepare
 from edge_moe.runtime.memory import current_rss
 rss0 = current_rss()
@@ -52,7 +51,7 @@ def tight_budget(model_path, cache_bytes: int) -> int:
     """A budget leaving `cache_bytes` for experts in this process (what plan_memory will compute)."""
     with edge_moe.load(model_path) as probe:
         cfg, dense = probe.config, sum(t.nbytes for t in probe.decoder.w.values())
-        kv = KVCache.bytes_for(cfg, probe.max_context)
+        kv = kv_bytes(cfg, probe.max_context)
         acts = activation_bytes(cfg, probe.prefill_chunk, probe.max_context)
     return current_rss() + dense + kv + acts + MIN_MARGIN + cache_bytes
 
@@ -143,7 +142,8 @@ def test_bad_knobs_are_refused(wide_model):
 
 def test_next_layer_is_prefetched_from_the_current_hidden_state(wide_model):
     with edge_moe.load(wide_model, streaming="hebf") as m:
-        x = torch.nn.functional.normalize(torch.randn(1, m.config.hidden_size), dim=-1) * 16
+        x = np.random.default_rng(0).standard_normal((1, m.config.hidden_size)).astype(np.float32)
+        x *= 16 / np.linalg.norm(x)
         weights, experts = route(x, m.pipeline.routers[0], m.config)
         m.pipeline(0, x, weights, experts)
         m.reader.drain()
@@ -243,11 +243,11 @@ def test_the_plan_knows_the_dense_bytes_before_reading_them(big_vocab_model, den
 
     with edge_moe.load(big_vocab_model, dense_bits=dense_bits, max_context=256) as m:
         held = sum(t.nbytes for t in m.decoder.w.values())
-        assert dense_nbytes(m.container, torch.bfloat16, dense_bits) == held == m.memory_plan.dense
+        assert dense_nbytes(m.container, 4, dense_bits) == held == m.memory_plan.dense
 
 
 REFUSED = """
-import json, sys, edge_moe, edge_moe.api  # torch and numba imported before measuring, as load() measures
+import json, sys, edge_moe, edge_moe.api  # numba imported before measuring, as load() measures
 from edge_moe.errors import BudgetError
 from edge_moe.runtime.memory import current_rss
 from edge_moe.runtime.warm import groups_for, prepare

@@ -30,8 +30,8 @@ GROUPS = {
     "dense4": (_nibble_matmul_kernel,),  # and at 4 (NibbleLinear)
     "nested": (_matmul_kernel,),  # one nested matrix: the dense part at 5-7 bits (PackedLinear), tools
     "forms": (_to_nibbles, _lut_transpose) if STRIDED else (),  # resident experts rewritten, on AVX2
-    "attention": (attention.decode_attention, attention.rms_rows, attention.route_token,
-                  attention.add_rms_rows),
+    "attention": (attention.decode_attention, attention.prefill_attention, attention.rms_rows,
+                  attention.route_token, attention.route_rows, attention.add_rms_rows),
 }
 ENTRY_POINTS = tuple(f for group in GROUPS.values() for f in group)
 
@@ -86,7 +86,9 @@ def _call_attention() -> None:
                                np.empty_like(heads))
     attention.rms_rows(heads, heads[0], np.float32(1e-6), np.empty_like(heads))
     attention.add_rms_rows(heads, heads.copy(), heads[0], np.float32(1e-6), np.empty_like(heads))
+    attention.prefill_attention(heads.reshape(1, 2, 8), cache, cache, 0, np.empty((1, 2, 8), np.float32))
     attention.route_token(heads[0], heads, True, np.empty(1, np.float32), np.empty(1, np.int64))
+    attention.route_rows(heads, heads, True, np.empty((2, 1), np.float32), np.empty((2, 1), np.int64))
 
 
 CALLS = {"experts": _call_experts, "dense8": lambda: _call_dense(8), "dense4": lambda: _call_dense(4),
