@@ -31,10 +31,11 @@ from edge_moe.model.load import (
 )
 from edge_moe.model.packed import check_dense_bits
 from edge_moe.runtime.arena import DeviceArena, HostArena
+from edge_moe.runtime.batch import Batcher, Request
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.chat import render
 from edge_moe.runtime.expert_cache import ExpertCache
-from edge_moe.runtime.generate import decode_tokens, prefill
+from edge_moe.runtime.generate import prefill
 from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
 from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader, Want
@@ -80,6 +81,12 @@ def _threads(threads: int | None, on_cuda: bool):
     return partial(set_num_threads, int(threads))
 
 
+def _positive(name: str, value, zero: bool = False) -> int:
+    if type(value) is not int or value < (0 if zero else 1):
+        raise UsageError(f"{name}={value!r}: use a whole number of {0 if zero else 1} or more")
+    return value
+
+
 def _dense_bits(bits: int | None, on_cuda: bool) -> int:
     """--dense-bits, checked: default 8 on the cpu, 16 (the file's bf16) on cuda, which packs nothing."""
     bits = check_dense_bits(bits if bits is not None else 16 if on_cuda else CPU_DENSE_BITS)
@@ -113,25 +120,29 @@ def _streaming(name: str | None) -> tuple[str, bool, bool]:
 
 class Model:
     """A loaded .emoe model: dense part resident, experts streamed by level through a budgeted cache.
-    Calls from several threads are safe: they take turns, one forward step at a time."""
+    Calls from several threads are safe: up to max_batch generations run together, one forward per
+    step over all of them (runtime.batch); up to max_queue more wait for a slot."""
 
     def __init__(self, path: str | Path, memory_budget=None, device: str = "cpu", backend: str | None = None,
                  dense_dtype=None, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
                  threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None,
-                 resident_forms: bool = True):
+                 resident_forms: bool = True, max_batch: int = 1, max_queue: int = 64):
         """dense_bits: 4..8 packs the projections and LM head (cpu; default 8): byte or nibble codes at 8
         and 4, nested bit-planes at 5-7; 16 keeps them unpacked (the default on cuda): float32 on the cpu,
         `dense_dtype` on cuda (default bfloat16). threads: the compute threads (default: every core).
         streaming: a name of runtime.moe.STREAMING; default HEBF, with next-layer prefetch where there
         are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
-        faster layouts when the cache holds every chunk (False: always the file's planes)."""
+        faster layouts when the cache holds every chunk (False: always the file's planes). max_batch:
+        generations that run together, each with a KV cache of max_context tokens in the plan."""
         self.device = _check_device(device)
         self.on_cuda = on_cuda = self.device != "cpu"
         dtype = _dense_dtype(dense_dtype, on_cuda)
         # sizes checked before anything loads (parse_size takes its own output back unchanged)
         memory_budget = None if memory_budget is None else parse_size(memory_budget)
         gpu_memory_budget = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
+        self.max_batch = _positive("max_batch", max_batch)
+        max_queue = _positive("max_queue", max_queue, zero=True)
         backend = backend or default_backend(on_cuda)
         kernels = get_backend(backend)  # imports numba before the baseline
         self.dense_bits = _dense_bits(dense_bits, on_cuda)
@@ -167,6 +178,7 @@ class Model:
         self.decoder = Decoder(cfg, dense, self.pipeline, ops)
         self.stats: dict = {}
         self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
+        self.batcher = Batcher(self._forward_many, self.max_batch, max_queue, self.prefill_chunk)
         self._calls = 0  # calls in flight: a request's peak RSS restarts only when none is
         self._warned_degraded = False
 
@@ -190,16 +202,17 @@ class Model:
 
     def _plan(self, memory_budget, gpu_memory_budget, dense_bytes: int, baseline: int) -> MemoryPlan:
         """The host plan; on cuda the cache lives in VRAM, sized by --gpu-memory-budget (or every chunk)."""
-        cfg, kv = self.config, host_layers.kv_bytes(self.config, self.max_context)
+        cfg, kv = self.config, self.max_batch * host_layers.kv_bytes(self.config, self.max_context)
         budget = None if memory_budget is None else parse_size(memory_budget)
         plan = plan_memory(budget, cfg, dense_bytes, kv, self.layout.unit_bytes, self.prefill_chunk,
-                           self.max_context, baseline)
+                           self.max_context, baseline, batch=self.max_batch)
         if not self.on_cuda:
             return plan
         gpu = None if gpu_memory_budget is None else parse_size(gpu_memory_budget)
         self.gpu_memory_plan = plan_memory(gpu, cfg, dense_bytes, kv, self.layout.unit_bytes,
                                            self.prefill_chunk, self.max_context, baseline=0,
-                                           what="--gpu-memory-budget", min_margin=GPU_MIN_MARGIN)
+                                           what="--gpu-memory-budget", min_margin=GPU_MIN_MARGIN,
+                                           batch=self.max_batch)
         return replace(plan, cache_units=self.gpu_memory_plan.cache_units)
 
     def _cache(self, kernels, eviction: str) -> ExpertCache:
@@ -233,6 +246,15 @@ class Model:
             if self._set_threads:
                 self._set_threads()
             out = self.decoder.forward(ids, kv, call, all_logits)
+            self.rss.sample()
+            return out
+
+    def _forward_many(self, seqs: list, call: Call) -> np.ndarray:
+        """One batched step (runtime.batch): the last logits of each sequence [len(seqs), V]."""
+        with self._step_lock:
+            if self._set_threads:
+                self._set_threads()
+            out = self.decoder.forward_many(seqs, call)
             self.rss.sample()
             return out
 
@@ -277,9 +299,11 @@ class Model:
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, bits: int | None = None,
                      quality: float | None = None, min_bits: int | None = None, max_bits: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                     wait: bool | None = None, stop: set[int] = frozenset()) -> Iterator[int]:
+                     wait: bool | None = None, stop: set[int] = frozenset(),
+                     report: dict | None = None) -> Iterator[int]:
         """Yield new token ids one by one (prefill the prompt, then decode), ending at the model's
-        end-of-sequence ids or at `stop`."""
+        end-of-sequence ids or at `stop`. Its stats go to `model.stats` (the last request's) and, when
+        given, to `report` (this request's, whatever ran beside it)."""
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         prompt_ids = self._check_ids(prompt_ids)
@@ -287,13 +311,18 @@ class Model:
         knobs = {"bits": bits, "quality": quality, "min_bits": min_bits, "max_bits": max_bits, "wait": wait}
         with self._call(len(prompt_ids) + max_tokens, knobs) as (call, kv, start):
             pick = partial(sample, temperature=temperature, top_p=top_p, rng=generator(seed))
-            t0 = time.perf_counter()
-            logits = prefill(self._forward, list(prompt_ids), kv, call, self.prefill_chunk)[-1]
-            t1, new = time.perf_counter(), 0
-            for token in decode_tokens(self._forward, logits, kv, call, max_tokens, pick, self.eos_ids | stop):
+            req = Request(list(prompt_ids), kv, call.request, pick, int(max_tokens), self.eos_ids | stop,
+                          call.stats)
+            t0 = t1 = time.perf_counter()
+            new = 0
+            for token in self.batcher.run(req) if max_tokens else ():
+                if new == 0:
+                    t1 = time.perf_counter()
                 new += 1
                 yield token
-            self._record(call, start, len(prompt_ids), new, t1 - t0, time.perf_counter() - t1)
+            stats = self._record(call, start, len(prompt_ids), new, t1 - t0, time.perf_counter() - t1)
+            if report is not None:
+                report.update(stats)
 
     def _warn_if_degraded(self, call: Call) -> None:
         """Once per model: a request that waits for its widths (fixed bits, the default) ran some experts
@@ -307,10 +336,11 @@ class Model:
                           BudgetWarning, stacklevel=3)
 
     def _record(self, call: Call, start: dict, prompt: int, new: int, prefill_s: float,
-                decode_s: float) -> None:
+                decode_s: float) -> dict:
         self._warn_if_degraded(call)
         read = self.reader.bytes_read - start["bytes"]
-        self.stats = {"prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
+        stats = self.stats = {
+                      "prompt_tokens": prompt, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
                       # the first new token comes from the prefill's logits: n tokens, n - 1 decode steps
                       "decode_tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
                       **call.stats.as_dict(),
@@ -319,16 +349,16 @@ class Model:
                       "read_s": self.reader.read_seconds - start["read_s"],  # the reader thread's time in reads
                       "peak_rss": self.rss.peak, "peak_rss_process": self.rss.process_peak,
                       "memory_budget": self.memory_plan.budget}
+        return stats
 
     def stream(self, prompt: str, max_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield text pieces as tokens are generated (whole UTF-8 characters only)."""
-        yield from self._text(self.encode(prompt), max_tokens, set(), **kwargs)
+        yield from self.stream_ids(self.encode(prompt), max_tokens, **kwargs)
 
-    def chat_stream(self, messages: list[dict], max_tokens: int = 256, template: str | None = None,
-                    **kwargs) -> Iterator[str]:
-        """The assistant's reply to `messages` ([{"role": "user", "content": "..."}, ...]) in text pieces:
-        the file's chat template (or `template`) rendered as transformers renders it, ending at the
-        model's end-of-sequence ids or the tokenizer's eos_token (a template's end of turn)."""
+    def chat_prompt(self, messages: list[dict], template: str | None = None) -> tuple[list[int], set[int]]:
+        """(prompt ids, end-of-turn ids) of `messages` ([{"role": "user", "content": "..."}, ...]): the
+        file's chat template (or `template`) rendered as transformers renders it; the turn ends at the
+        model's end-of-sequence ids or the tokenizer's eos_token."""
         template = template or self.chat_template
         if template is None:
             raise UsageError(f"{self.path} carries no chat template; pass template= or use plain text")
@@ -337,22 +367,49 @@ class Model:
         text = render(template, messages, add_generation_prompt=True, **self.special_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
         eos = self.special_tokens.get("eos_token")
-        stop = {self.tokenizer.token_to_id(eos)} - {None} if eos else set()
-        yield from self._text(ids, max_tokens, stop, **kwargs)
+        return ids, ({self.tokenizer.token_to_id(eos)} - {None} if eos else set())
+
+    def chat_stream(self, messages: list[dict], max_tokens: int = 256, template: str | None = None,
+                    **kwargs) -> Iterator[str]:
+        """The assistant's reply to `messages` in text pieces (chat_prompt says how it is prompted)."""
+        ids, end_of_turn = self.chat_prompt(messages, template)
+        yield from self.stream_ids(ids, max_tokens, stop_ids=end_of_turn, **kwargs)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, **kwargs) -> str:
         return "".join(self.chat_stream(messages, max_tokens, **kwargs))
 
-    def _text(self, ids: list[int], max_tokens: int, stop: set[int], **kwargs) -> Iterator[str]:
-        out, emitted, stop = [], "", self.eos_ids | stop
-        for token in self.generate_ids(ids, max_tokens, stop=stop, **kwargs):
-            if token in stop:
+    def stream_ids(self, ids: list[int], max_tokens: int = 64, stop: list[str] | tuple = (),
+                   stop_ids: set[int] = frozenset(), usage: dict | None = None, **kwargs) -> Iterator[str]:
+        """Text pieces of the continuation of token ids (whole UTF-8 characters). It ends at the model's
+        end-of-sequence ids, `stop_ids`, or the first of the strings `stop` (not part of the text, and
+        never half shown). `usage`, when given, is filled with completion_tokens and finish_reason
+        ("stop" or "length"), and at the end with the request's stats."""
+        if self.tokenizer is None:
+            raise UsageError(f"{self.path} carries no tokenizer.json; pass token ids instead of text")
+        usage = {} if usage is None else usage
+        usage.update(completion_tokens=0, finish_reason="length")
+        out, emitted, ends = [], "", self.eos_ids | set(stop_ids)
+        for token in self.generate_ids(ids, max_tokens, stop=ends, report=usage, **kwargs):
+            usage["completion_tokens"] += 1
+            if token in ends:
+                usage["finish_reason"] = "stop"
                 break
             out.append(token)
             text = self.tokenizer.decode(out)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            if text.endswith("\ufffd"):
+                continue
+            cut, shown = _stop_cut(text, len(emitted), stop)
+            if cut is not None:
+                usage["finish_reason"] = "stop"
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                return
+            if shown > len(emitted):
+                yield text[len(emitted):shown]
+                emitted = text[:shown]
+        text = self.tokenizer.decode(out)
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            yield text[len(emitted):]  # the held-back start of a stop string that never completed
 
     def generate(self, prompt: str, max_tokens: int = 64, **kwargs) -> str:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
@@ -367,6 +424,21 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stop_cut(text: str, start: int, stop) -> tuple[int | None, int]:
+    """(where the first stop string that ends past `start` begins, or None; how much of text may be
+    shown: all but a tail that could be the start of a stop string)."""
+    cuts = [i for s in stop if s and (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    if cuts:
+        return min(cuts), min(cuts)
+    shown = len(text)
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                shown = min(shown, len(text) - n)
+                break
+    return None, shown
 
 
 def load(model: str | Path | None = None, memory_budget=None, device: str = "cpu", **kwargs) -> Model:

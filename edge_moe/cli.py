@@ -163,26 +163,73 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--memory-budget", default=None,
-                   help="hard cap on the process's memory, e.g. 6GB, 6GiB, 512MB (default: no cap)")
-    r.add_argument("--max-context", type=int, default=2048, help="longest prompt + output, in tokens")
-    r.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    r.add_argument("--gpu-memory-budget", default=None,
-                   help="with --device cuda: VRAM for dense weights, KV cache and cached experts")
-    r.add_argument("--dense-bits", type=int, default=None,
-                   help="embedding, attention and LM head width: 4..8 packs them as bit-planes at load "
-                        "(cpu default 8), 16 keeps the file's bf16 (cuda default)")
-    r.add_argument("--backend", default=None, help="kernel backend (default: the fastest for the device)")
-    r.add_argument("--drop-page-cache", action="store_true",
-                   help="read experts around the OS page cache (direct I/O where the file's alignment "
-                        "allows, else reads then advice to forget the pages): measures the disk, not RAM")
+    _model_flags(r)
     r.add_argument("--stats", action="store_true", help="print timing and I/O stats to stderr")
     r.set_defaults(func=_run)
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install 'edge-moe[serve]')")
+    v.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--max-batch", type=int, default=4,
+                   help="requests generated together, one forward per step (each has a KV cache of "
+                        "--max-context tokens in the memory plan)")
+    v.add_argument("--max-queue", type=int, default=16, help="requests that wait for a slot before 429s")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    v.add_argument("--model-name", default=None, help="the model's id in the API (default: the file's name)")
+    _model_flags(v)
+    v.set_defaults(func=_serve)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
     i.set_defaults(func=_inspect)
     return p
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that load a model, shared by run and serve."""
+    p.add_argument("--memory-budget", default=None,
+                   help="hard cap on the process's memory, e.g. 6GB, 6GiB, 512MB (default: no cap)")
+    p.add_argument("--max-context", type=int, default=2048, help="longest prompt + output, in tokens")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--gpu-memory-budget", default=None,
+                   help="with --device cuda: VRAM for dense weights, KV cache and cached experts")
+    p.add_argument("--dense-bits", type=int, default=None,
+                   help="embedding, attention and LM head width: 4..8 packs them as bit-planes at load "
+                        "(cpu default 8), 16 keeps the file's bf16 (cuda default)")
+    p.add_argument("--backend", default=None, help="kernel backend (default: the fastest for the device)")
+    p.add_argument("--drop-page-cache", action="store_true",
+                   help="read experts around the OS page cache (direct I/O where the file's alignment "
+                        "allows, else reads then advice to forget the pages): measures the disk, not RAM")
+
+
+def _serve(args) -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("edge-moe serve needs the serve extra: pip install 'edge-moe[serve]'") from None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: use 1..65535")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"edge-moe: warning: serving on {args.host} without --api-key: anyone who can reach it may "
+              "use it", file=sys.stderr)
+    _start_compile(args)
+    from edge_moe.api import load
+    from edge_moe.server import serve
+
+    model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
+                 backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
+                 gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits,
+                 max_batch=args.max_batch, max_queue=args.max_queue)
+    if model.memory_plan.budget is not None:
+        print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
+    name = args.model_name or model.path.name.removesuffix(".emoe")
+    print(f"edge-moe: serving {name} at http://{args.host}:{args.port}/v1 (--max-batch {args.max_batch}); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        serve(model, name, args.host, args.port, args.api_key)
+    finally:
+        model.close()
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

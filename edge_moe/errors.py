@@ -27,3 +27,7 @@ class UsageError(EdgeMoeError):
 
 class BudgetWarning(UserWarning):
     """The memory budget made the runtime do less than asked (narrower experts)."""
+
+
+class BusyError(EdgeMoeError):
+    """Every batch slot and queue place is taken; the request may be tried again later."""

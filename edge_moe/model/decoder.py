@@ -48,17 +48,29 @@ class Decoder:
     def forward(self, ids, cache, call=None, all_logits: bool = False) -> np.ndarray:
         """Run token ids [T] (a list or array) after the cache's tokens; float32 logits [T, V], or of the
         last token [1, V], as a numpy array. `call` goes to the experts of every MoE layer."""
+        return self.forward_many([(ids, cache)], call, all_logits)
+
+    def forward_many(self, seqs: list, call=None, all_logits: bool = False) -> np.ndarray:
+        """One forward over several sequences [(ids, cache), ...], each continuing its own KV cache: the
+        projections and the experts run on the rows of all of them at once. Logits of every row
+        [sum T, V] (all_logits), else of each sequence's last token [len(seqs), V]."""
         cfg, w, ops = self.cfg, self.w, self.ops
-        if cache.length + len(ids) > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
+        spans, end = [], 0
+        for ids, cache in seqs:
+            if cache.length + len(ids) > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length + len(ids)} needed")
+            spans.append((cache, end, end + len(ids)))
+            end += len(ids)
         eps = cfg.rms_norm_eps
         with ops.forward_context():
-            h = ops.embed(w["embed"], ids)  # [T, D], the residual stream
+            h = ops.embed(w["embed"], [t for ids, _ in seqs for t in ids])  # [T, D], the residual stream
             x = ops.rms_norm(h, w["layers.0.attn_norm"], eps)  # its RMSNorm before each block
             for i in range(cfg.num_layers):
-                attended = ops.attention(x, w, cfg, i, cache, self.rope)
+                attended = ops.attention(x, w, cfg, i, spans, self.rope)
                 h, x = ops.add_rms_norm(h, attended, w[f"layers.{i}.ffn_norm"], eps)
                 after = w[f"layers.{i + 1}.attn_norm"] if i + 1 < cfg.num_layers else w["final_norm"]
                 h, x = ops.add_rms_norm(h, self.ffn(i, x, call), after, eps)
-            cache.length += len(ids)
-            return ops.to_host(ops.linear(x if all_logits else x[-1:], self.lm_head))
+            for cache, start, stop in spans:
+                cache.length += stop - start
+            last = x if all_logits else x[[stop - 1 for _, _, stop in spans]]
+            return ops.to_host(ops.linear(last, self.lm_head))

@@ -111,13 +111,16 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def attention(x: np.ndarray, w: dict, cfg: ModelConfig, layer: int, cache: KVCache, rope: Rope) -> np.ndarray:
-    """Causal GQA over the cache; x [T, D] are the tokens at positions cache.length..+T."""
+def attention(x: np.ndarray, w: dict, cfg: ModelConfig, layer: int, spans: list, rope: Rope) -> np.ndarray:
+    """Causal GQA; x [T, D] holds the rows of one or more sequences, spans [(cache, start, end)]: rows
+    start..end are the tokens at positions cache.length.. of the sequence whose KV cache is `cache`.
+    The projections run over every row at once, the attention over each sequence's own cache."""
     p = f"layers.{layer}"
     qkv = linear(x, w[f"{p}.qkv"], w.get(f"{p}.qkv_bias"))  # q, k, v in one matmul (weights.qkv_part)
-    heads = _decode_attention(qkv, w, cfg, layer, cache, rope) if x.shape[0] == 1 else \
-        _prefill_attention(qkv, w, cfg, layer, cache, rope)
-    return linear(heads, w[f"{p}.o"])
+    heads = [(_decode_attention if end - start == 1 else _prefill_attention)(qkv[start:end], w, cfg, layer,
+                                                                             cache, rope)
+             for cache, start, end in spans]
+    return linear(heads[0] if len(heads) == 1 else np.concatenate(heads), w[f"{p}.o"])
 
 
 def _split(qkv: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -83,29 +83,36 @@ class KVCache(host_layers.KVCache):
         self.length = 0
 
 
-def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
-              rope: Rope) -> torch.Tensor:
-    """Causal GQA over the cache; x [T, D] are the tokens at positions cache.length..+T."""
-    t, pos0, p = x.shape[0], cache.length, f"layers.{layer}"
+def attention(x: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, spans: list, rope: Rope) -> torch.Tensor:
+    """Causal GQA over each sequence's cache (host_layers.attention's contract)."""
+    p = f"layers.{layer}"
     qkv = linear(x, w[f"{p}.qkv"], w.get(f"{p}.qkv_bias"))  # q, k, v in one matmul (weights.qkv_part)
+    heads = [_attend(qkv[start:end], w, cfg, layer, cache, rope) for cache, start, end in spans]
+    return linear(heads[0] if len(heads) == 1 else torch.cat(heads), w[f"{p}.o"])
+
+
+def _attend(qkv: torch.Tensor, w: dict, cfg: ModelConfig, layer: int, cache: KVCache,
+            rope: Rope) -> torch.Tensor:
+    """One sequence's rows of the fused projection [T, (H + 2 KV) hd] -> its attention heads [T, H*hd]."""
+    t, pos0, p = qkv.shape[0], cache.length, f"layers.{layer}"
     q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2], dim=-1)
     if cfg.qk_norm == "full":  # OLMoE normalizes the whole projection
         q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
-    q = q.view(t, cfg.num_heads, cfg.head_dim)
-    k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm == "head":  # Qwen3 normalizes each head
         q, k = rms_norm(q, w[f"{p}.q_norm"], cfg.rms_norm_eps), rms_norm(k, w[f"{p}.k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, pos0), rope(k, pos0)
     cache.k[layer, pos0:pos0 + t] = k
-    cache.v[layer, pos0:pos0 + t] = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+    cache.v[layer, pos0:pos0 + t] = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     keys, values = cache.k[layer, :pos0 + t], cache.v[layer, :pos0 + t]  # [S, KV, hd]
-    dev = x.device
+    dev = qkv.device
     mask = None if t == 1 else (  # one new token sees every cached one
         torch.arange(pos0 + t, device=dev)[None, :] <= torch.arange(pos0, pos0 + t, device=dev)[:, None])
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None].float(), values.transpose(0, 1)[None].float(),
         attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)  # [1, H, T, hd]
-    return linear(out[0].transpose(0, 1).reshape(t, -1), w[f"{p}.o"])
+    return out[0].transpose(0, 1).reshape(t, -1)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

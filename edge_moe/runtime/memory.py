@@ -66,22 +66,24 @@ class MemoryPlan:
         return f"memory plan for {budget}: {body} ({units})"
 
 
-def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int) -> int:
-    """Peak float32 temporaries of one forward over a prefill chunk (hidden, attention, MoE, logits)."""
-    c, d = prefill_chunk, cfg.hidden_size
+def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_tokens: int, batch: int = 1) -> int:
+    """Peak float32 temporaries of one forward over a prefill chunk beside batch - 1 decode tokens
+    (hidden, attention, MoE, logits)."""
+    c, d = prefill_chunk + batch - 1, cfg.hidden_size
     hidden = 16 * c * d
     attention = c * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * 3 + cfg.num_heads * c * max_tokens
     moe = c * cfg.top_k * (2 * cfg.moe_intermediate_size + 2 * d) + 2 * c * max(cfg.intermediate_size, 0)
-    return 4 * (hidden + attention + moe + 2 * cfg.vocab_size)
+    return 4 * (hidden + attention + moe + 2 * batch * cfg.vocab_size)
 
 
 def plan_memory(budget: int | None, cfg: ModelConfig, dense_bytes: int, kv_bytes: int, unit_bytes: int,
                 prefill_chunk: int, max_tokens: int, baseline: int | None = None,
-                what: str = "--memory-budget", min_margin: int = MIN_MARGIN) -> MemoryPlan:
+                what: str = "--memory-budget", min_margin: int = MIN_MARGIN, batch: int = 1) -> MemoryPlan:
     """Split the budget (None: no cap, every chunk cached); raise BudgetError with the numbers when one
-    layer's experts cannot fit. The cache never gets more units than the model has chunks."""
+    layer's experts cannot fit. The cache never gets more units than the model has chunks. kv_bytes
+    is the KV cache of every one of `batch` requests."""
     baseline = current_rss() if baseline is None else baseline
-    acts = activation_bytes(cfg, prefill_chunk, max_tokens)
+    acts = activation_bytes(cfg, prefill_chunk, max_tokens, batch)
     every = len(cfg.moe_layers) * cfg.num_experts * MAX_BITS
     min_units = 2 * cfg.top_k  # each active expert's 2-bit base is 2 chunks
     if budget is None:
@@ -96,7 +98,7 @@ def plan_memory(budget: int | None, cfg: ModelConfig, dense_bytes: int, kv_bytes
             f"process {format_size(baseline)} + dense {format_size(dense_bytes)} + KV cache "
             f"{format_size(kv_bytes)} + activations {format_size(acts)} + margin {format_size(margin)} "
             f"+ one layer's {cfg.top_k} experts at 2 bits {format_size(min_units * unit_bytes)}; "
-            f"raise {what} (or lower --max-context)")
+            f"raise {what} (or lower --max-context{' or --max-batch' if batch > 1 else ''})")
     return MemoryPlan(budget, baseline, dense_bytes, kv_bytes, acts, margin, unit_bytes, min(units, every),
                       min_units, every)
 

@@ -47,15 +47,44 @@ def default_streaming(cores: int | None = None) -> str:
 
 @dataclass
 class Call:
-    """What one forward carries through the layers: the request's knobs and the counters it fills."""
+    """What one forward carries through the layers: the request's knobs and the counters it fills. A
+    forward of several requests' rows (runtime.batch) gives `rows`: (row count, request) of each, in
+    row order; each token then gets its own request's widths."""
 
     request: BitRequest = field(default_factory=BitRequest)
     stats: RunStats = field(default_factory=RunStats)
+    rows: tuple[tuple[int, BitRequest], ...] = ()
+
+    @property
+    def requests(self) -> list[BitRequest]:
+        return [r for _, r in self.rows] or [self.request]
+
+    def assign(self, weights: np.ndarray) -> np.ndarray:
+        """Bits [T, K] of each token's experts, by its own request."""
+        if not self.rows:
+            return self.request.assign(weights)
+        parts = np.split(weights, np.cumsum([n for n, _ in self.rows])[:-1])
+        return np.concatenate([r.assign(w) for (_, r), w in zip(self.rows, parts, strict=True)])
+
+    def min_bits(self) -> int | np.ndarray:
+        """min_bits of each token's request: one int, or [T, 1] when requests share the forward."""
+        if not self.rows:
+            return self.request.min_bits
+        return np.repeat([r.min_bits for _, r in self.rows], [n for n, _ in self.rows])[:, None]
+
+    @property
+    def wait(self) -> bool:
+        """Whether late levels are waited for (any request of the forward that waits decides)."""
+        return any(r.wait for r in self.requests)
+
+    @property
+    def max_bits(self) -> int:
+        return max(r.max_bits for r in self.requests)
 
     @property
     def floor(self) -> int:
-        """Chunks below which an expert is useless to this request (evicted together)."""
-        return max(BASE_BITS, self.request.min_bits)
+        """Chunks below which an expert is useless to these requests (evicted together)."""
+        return max(BASE_BITS, min(r.min_bits for r in self.requests))
 
 
 class Routing(NamedTuple):
@@ -68,14 +97,15 @@ class Routing(NamedTuple):
     tokens: np.ndarray  # [P] token rows
     weights: np.ndarray  # [P] float32 gate weights
     bits: np.ndarray  # [P] each pair's bits
+    floor: np.ndarray  # [n] the largest min_bits among the expert's pairs' requests
 
     @property
     def counts(self) -> np.ndarray:
         return np.diff(self.ptr) if len(self.tokens) != len(self.experts) else _ones(len(self.experts))
 
-    def must(self, request: BitRequest) -> np.ndarray:
-        """Chunks each expert cannot run without for this request: min_bits, or less where it wants less."""
-        return np.maximum(np.minimum(request.min_bits, self.want), BASE_BITS)
+    def must(self) -> np.ndarray:
+        """Chunks each expert cannot run without: its requests' min_bits (never above what it wants)."""
+        return np.maximum(np.minimum(self.floor, self.want), BASE_BITS)
 
     def wants(self, must: np.ndarray, order) -> list[Want]:
         """The reader's Want of each expert in `order` (indices)."""
@@ -86,23 +116,26 @@ class Routing(NamedTuple):
         return np.lexsort((self.experts, -self.heat))
 
 
-def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray) -> Routing:
-    """Routing of gate choices experts [T, K] with weights and bits [T, K]: one token keeps the gate's
-    order (one pair per expert), several are grouped hottest first."""
+def group_by_expert(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray, min_bits=BASE_BITS) -> Routing:
+    """Routing of gate choices experts [T, K] with weights and bits [T, K] and each token's requested
+    min_bits (one int, or [T, 1]): one token keeps the gate's order (one pair per expert), several are
+    grouped hottest first."""
     if experts.shape[0] == 1:
         ptr, tokens = _one_token_csr(experts.shape[1])
         w = weights[0].astype(np.float32, copy=False)
-        return Routing(experts[0], bits[0], 1.0 + w / 2, ptr, tokens, w, bits[0])
+        floor = np.broadcast_to(np.ravel(min_bits)[0], bits[0].shape)
+        return Routing(experts[0], bits[0], 1.0 + w / 2, ptr, tokens, w, bits[0], floor)
     flat = experts.ravel()
     order = np.argsort(flat, kind="stable")
     ids, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
     tokens, w, b = order // experts.shape[1], weights.ravel()[order].astype(np.float32), bits.ravel()[order]
     heat = counts + np.add.reduceat(w, starts).astype(np.float64) / (counts + 1)
     want = np.maximum.reduceat(b, starts)
+    floor = np.maximum.reduceat(np.broadcast_to(min_bits, experts.shape).ravel()[order], starts)
     rank = np.argsort(-heat, kind="stable")  # pairs regrouped so that the hottest expert comes first
     pairs = np.concatenate([np.arange(starts[k], starts[k] + counts[k]) for k in rank])
     ptr = np.concatenate([[0], np.cumsum(counts[rank])])
-    return Routing(ids[rank], want[rank], heat[rank], ptr, tokens[pairs], w[pairs], b[pairs])
+    return Routing(ids[rank], want[rank], heat[rank], ptr, tokens[pairs], w[pairs], b[pairs], floor[rank])
 
 
 @functools.cache
@@ -133,13 +166,13 @@ class MoePipeline:
         self.routers, self.gate = routers, route
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:], strict=False))
 
-    def route(self, weights, experts, request: BitRequest) -> Routing:
+    def route(self, weights, experts, call: Call) -> Routing:
         w = _host(weights).astype(np.float32, copy=False)  # bookkeeping on the host
-        return group_by_expert(_host(experts), w, request.assign(w))
+        return group_by_expert(_host(experts), w, call.assign(w), call.min_bits())
 
     def __call__(self, layer: int, x, weights, experts, call: Call | None = None):
         call = call or Call()
-        routing = self.route(weights, experts, call.request)
+        routing = self.route(weights, experts, call)
         lease = self.cache.acquire(layer, routing.experts, routing.counts, routing.want)
         try:
             if lease.ready:  # every expert holds the bits it wants: one kernel call, nothing to read
@@ -155,11 +188,10 @@ class MoePipeline:
 
     def _stream(self, lease: Lease, routing: Routing, x, call: Call):
         """Hand the reader what is missing, then compute experts in batches as their levels land."""
-        req, resident = call.request, lease.held.copy()
-        must = routing.must(req)
+        resident, must, wait = lease.held.copy(), routing.must(), call.wait
         pending = routing.hottest_first().tolist()
-        self.reader.submit(lease.layer, routing.wants(must, pending), wait_upper=req.wait, floor=call.floor)
-        target = routing.want if req.wait else must
+        self.reader.submit(lease.layer, routing.wants(must, pending), wait_upper=wait, floor=call.floor)
+        target = routing.want if wait else must
         out = None
         while pending:
             ready, pending = self._take_ready(lease, pending, must, target, call)
@@ -215,10 +247,10 @@ class MoePipeline:
         nxt = self.next_layer.get(layer)
         if not self.prefetch or nxt is None or x.shape[0] > PREFETCH_MAX_TOKENS:
             return
-        if self.cache.layer_holds(nxt, call.request.max_bits):
+        if self.cache.layer_holds(nxt, call.max_bits):
             return  # the whole next layer is resident at the widest width asked for: nothing to guess
-        routing = self.route(*self.gate(x, self.routers[nxt], self.cfg), call.request)
-        wants = routing.wants(routing.must(call.request), range(len(routing.experts)))
+        routing = self.route(*self.gate(x, self.routers[nxt], self.cfg), call)
+        wants = routing.wants(routing.must(), range(len(routing.experts)))
         self.reader.submit(nxt, wants, prefetch=True, floor=call.floor)
 
 

@@ -37,6 +37,16 @@ class RunStats:
         count(bits, self.bits_used, self.hits)
         self.wanted += int(bits.sum())
 
+    def merge(self, other: RunStats) -> None:
+        """Add another's counters (a batched step's, to each request that took part in it)."""
+        self.stall_s += other.stall_s
+        self.expert_compute_s += other.expert_compute_s
+        self.expert_calls += other.expert_calls
+        for name in ("hits", "misses", "bits_used"):
+            getattr(self, name)[:] += getattr(other, name)
+        self.degraded += other.degraded
+        self.wanted += other.wanted
+
     def as_dict(self) -> dict:
         used = {b: int(n) for b, n in enumerate(self.bits_used) if n}  # (token, expert) pairs per width
         pairs = max(int(self.bits_used.sum()), 1)
