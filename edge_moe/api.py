@@ -36,7 +36,15 @@ from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.chat import render
 from edge_moe.runtime.expert_cache import ExpertCache
 from edge_moe.runtime.generate import prefill
-from edge_moe.runtime.memory import GPU_MIN_MARGIN, MemoryPlan, PeakRss, current_rss, plan_memory, trim_heap
+from edge_moe.runtime.memory import (
+    GPU_MIN_MARGIN,
+    MemoryPlan,
+    PeakRss,
+    current_rss,
+    plan_memory,
+    release_code_pages,
+    trim_heap,
+)
 from edge_moe.runtime.moe import STREAMING, Call, MoePipeline, default_streaming
 from edge_moe.runtime.reader import Reader, Want
 from edge_moe.runtime.sampling import check_sampling, generator, sample
@@ -148,6 +156,7 @@ class Model:
         self.dense_bits = _dense_bits(dense_bits, on_cuda)
         # compiled in child processes the first time: LLVM's memory stays out of the budget
         prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and not on_cuda))
+        release_code_pages()  # LLVM's code is idle from here (runtime.memory says why this pays)
         baseline = current_rss()
         self.rss = PeakRss()
         self.path, self.prefill_chunk = Path(path), int(prefill_chunk)

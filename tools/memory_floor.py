@@ -1,7 +1,7 @@
 """The README's model table: dense bytes, KV cache and the smallest --memory-budget the memory plan
 accepts for each model of tools/make_synthetic_checkpoint.py, from its config alone.
 
-    python tools/memory_floor.py [--baseline 170MB] [--dense-bits 8] [--max-context 2048]
+    python tools/memory_floor.py [--baseline 140MB] [--dense-bits 8] [--max-context 2048]
 
 --baseline is the process's RSS before weights (`edge-moe run ... --memory-budget 6GB` prints it as
 "process baseline" in its memory plan).
@@ -58,7 +58,7 @@ def floor(cfg, dense: int, kv: int, unit_bytes: int, max_context: int, baseline:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--baseline", default="170MB")
+    ap.add_argument("--baseline", default="140MB")
     ap.add_argument("--dense-bits", type=int, default=8)
     ap.add_argument("--max-context", type=int, default=2048)
     args = ap.parse_args()

@@ -103,6 +103,28 @@ def plan_memory(budget: int | None, cfg: ModelConfig, dense_bytes: int, kv_bytes
                       min_units, every)
 
 
+MADV_DONTNEED = 4
+CODE_LIBRARIES = ("libllvmlite",)  # LLVM: ~180 MB of code, used to load the compiled kernels, then idle
+
+
+def release_code_pages(libraries=CODE_LIBRARIES) -> None:
+    """Unmap the resident pages of these libraries' code (read-execute, never written, so they fault
+    back from the file on their next use); a no-op off Linux. Right after an install the page cache
+    holds a fresh library in large folios and maps them whole: libllvmlite's code took 96 MB of RSS
+    there against 35 MB in an older install, most of the gap between 218 and 170 MB of baseline."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "r-xp" and any(lib in parts[5] for lib in libraries):
+                    start, end = (int(a, 16) for a in parts[0].split("-"))
+                    libc.madvise(start, end - start, MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc keeps large freed blocks after load-time work,
     which would otherwise stay in RSS for the whole run); a no-op elsewhere."""

@@ -1,5 +1,6 @@
 """`edge-moe serve` as users start it: a child process under --memory-budget, four streaming clients at
-once; its RSS, sampled from outside, stays under the budget."""
+once; its RSS, sampled from outside, stays under the budget (400 MB: the plan holds four KV caches, and
+a fresh install's process baseline is up to ~230 MB here)."""
 
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from edge_moe.api import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="demo model not built into the package")
-BUDGET = 300e6
+BUDGET = 400e6
 
 
 def free_port() -> int:
@@ -25,7 +26,7 @@ def free_port() -> int:
 
 def test_serve_keeps_its_budget_under_concurrent_streams():
     port = free_port()
-    command = [sys.executable, "-m", "edge_moe.cli", "serve", "--port", str(port), "--memory-budget", "300MB",
+    command = [sys.executable, "-m", "edge_moe.cli", "serve", "--port", str(port), "--memory-budget", "400MB",
                "--max-batch", "4"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     peak, url = 0, f"http://127.0.0.1:{port}"
