@@ -424,6 +424,7 @@ class Model:
         return "".join(self.stream(prompt, max_tokens, **kwargs))
 
     def close(self) -> None:
+        self.batcher.close()
         self.reader.close()
         self.rss.stop()
         self.container.close()

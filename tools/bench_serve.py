@@ -2,10 +2,11 @@
 same checkpoint, in one run.
 
     python tools/bench_serve.py MODEL.emoe [--gguf MODEL-Q4_0.gguf --llama-server PATH] [--clients 1 2 4 8]
-        [--tokens 32] [--bits 4] [--budget 450MB]
+        [--tokens 32] [--rounds 3] [--bits 4] [--budget 450MB]
 
 Each server runs in its own process; for each client count, N threads stream a completion each at
-once with the `openai` client (greedy, a different prompt each), after one warm-up round. Per row:
+once with the `openai` client (greedy, a different prompt each), after one warm-up round; each row
+is the median of --rounds rounds by aggregate rate. Per row:
 aggregate tokens/s (all completion tokens over the round's wall time), p50 and p95 time per output
 token (the gaps between streamed chunks, pooled), mean time to first token, bytes read per token
 (edge-moe's /metrics) and the server's peak RSS, sampled from outside every 5 ms from its start.
@@ -111,14 +112,17 @@ def bytes_read(url: str) -> float | None:
     return float(line.split()[1]) if line else None
 
 
-def bench(name: str, server: Server, model: str, clients: list[int], tokens: int, extra: dict) -> list[str]:
+def bench(name: str, server: Server, model: str, clients: list[int], tokens: int, extra: dict,
+          rounds: int) -> list[str]:
     round_of(server.url, model, max(clients), tokens, extra)  # warm-up: caches, kernels, allocator
     rows = []
     for n in clients:
         before = bytes_read(server.url)
-        r = round_of(server.url, model, n, tokens, extra)
+        runs = sorted((round_of(server.url, model, n, tokens, extra) for _ in range(rounds)),
+                      key=lambda r: r["tok_s"])
+        r = runs[len(runs) // 2]  # the median round by aggregate rate
         after = bytes_read(server.url)
-        per_token = "" if before is None else format_size((after - before) / r["tokens"])
+        per_token = "" if before is None else format_size((after - before) / sum(x["tokens"] for x in runs))
         rows.append(f"| {name} | {n} | {r['tok_s']:.1f} | {1e3 * r['p50']:.1f} | {1e3 * r['p95']:.1f} | "
                     f"{1e3 * r['ttft']:.0f} | {per_token} | {format_size(server.peak)} |")
         print(rows[-1], flush=True)
@@ -138,6 +142,7 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per row; the median round is shown")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--budget", default=None, help="edge-moe's budgeted run (default: a third of the file)")
     ap.add_argument("--threads", type=int, default=2, help="llama-server -t")
@@ -155,8 +160,8 @@ def main() -> None:
                          "--max-batch", str(batch), "--max-context", str(args.context), "--model-name", "m",
                          *extra_flags], port, "/health")
         try:
-            knobs = {"bits": args.bits}
-            bench(f"{label}, {args.bits}-bit experts", server, "m", args.clients, args.tokens, knobs)
+            bench(f"{label}, {args.bits}-bit experts", server, "m", args.clients, args.tokens,
+                  {"bits": args.bits}, args.rounds)
         finally:
             server.stop()
     if args.gguf and args.llama_server:
@@ -167,7 +172,7 @@ def main() -> None:
                             port, "/health")
             try:
                 bench(f"llama-server -np {n} -t {args.threads}, {Path(args.gguf).name}", server, "m", [n],
-                      args.tokens, {})
+                      args.tokens, {}, args.rounds)
             finally:
                 server.stop()
 
