@@ -22,30 +22,57 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
-def _start_compile(args) -> None:
+def _start_compile(options: dict) -> None:
     """On a first run, start the kernels' compile children first; this process reads the model file's
     header and tokenizer while they work (load() waits for them). Only for the cpu defaults it can
     name here."""
     from edge_moe.runtime.warm import groups_for, start
 
-    if args.device == "cpu" and args.backend in (None, "cpu") and args.dense_bits in (None, *DENSE_BITS):
-        start(groups_for("cpu", args.dense_bits or CPU_DENSE_BITS, True))
+    bits = options["dense_bits"]
+    if options["device"] == "cpu" and options["backend"] in (None, "cpu") and bits in (None, *DENSE_BITS):
+        start(groups_for("cpu", bits or CPU_DENSE_BITS, True))
+
+
+KNOBS = ("bits", "quality", "min_bits", "max_bits")
+PROFILED = ("memory_budget", "gpu_memory_budget", "device", "dense_bits", "max_context", "threads", "streaming")
+DEFAULTS = {"device": "cpu", "max_context": 2048, "max_batch": 4}
+
+
+def _settings(args, serve: bool = False) -> tuple[dict, dict]:
+    """(load() options, default request knobs): each flag given, else the --profile's value, else the
+    built-in default. The profile's knobs apply only when no knob flag is given (they are one choice)."""
+    profile = None
+    if args.profile is not None:
+        from edge_moe.runtime.profiles import load_profile
+
+        profile = load_profile(args.profile)
+
+    def pick(name: str):
+        value = getattr(args, name)
+        if value is None and profile is not None:
+            value = getattr(profile, name)
+        return DEFAULTS.get(name) if value is None else value
+
+    options = {name: pick(name) for name in (*PROFILED, *(("max_batch",) if serve else ()))}
+    options.update(backend=args.backend, drop_page_cache=args.drop_page_cache)
+    knobs = {k: getattr(args, k, None) for k in KNOBS}
+    if profile is not None and all(v is None for v in knobs.values()):
+        knobs.update(profile.knobs)
+    return options, knobs
 
 
 def _run(args) -> None:
     if args.prompt is None and not args.chat:
         raise UsageError("give --prompt TEXT (or --chat for a conversation)")
-    _start_compile(args)
+    options, knobs = _settings(args)
+    _start_compile(options)
     from edge_moe.api import load
     from edge_moe.runtime.bit_policy import BitRequest
     from edge_moe.runtime.sampling import check_sampling
 
-    knobs = {"bits": args.bits, "quality": args.quality, "min_bits": args.min_bits, "max_bits": args.max_bits}
     check_sampling(args.temperature, args.top_p, args.max_tokens)  # before minutes of loading
     BitRequest.make(**knobs)
-    model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
-                 backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
-                 gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits)
+    model = load(args.model, **options)
     if model.memory_plan.budget is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     if args.chat:
@@ -170,9 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     v.add_argument("--port", type=int, default=8080)
-    v.add_argument("--max-batch", type=int, default=4,
+    v.add_argument("--max-batch", type=int, default=None,
                    help="requests generated together, one forward per step (each has a KV cache of "
-                        "--max-context tokens in the memory plan)")
+                        "--max-context tokens in the memory plan; default 4)")
     v.add_argument("--max-queue", type=int, default=16, help="requests that wait for a slot before 429s")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     v.add_argument("--model-name", default=None, help="the model's id in the API (default: the file's name)")
@@ -187,10 +214,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     """The flags that load a model, shared by run and serve."""
+    p.add_argument("--profile", default=None,
+                   help="a device profile: a name (laptop-8gb, app-2gb, ...; see profiles/README.md) or a "
+                        ".yaml file; the flags given here win over its values")
     p.add_argument("--memory-budget", default=None,
                    help="hard cap on the process's memory, e.g. 6GB, 6GiB, 512MB (default: no cap)")
-    p.add_argument("--max-context", type=int, default=2048, help="longest prompt + output, in tokens")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="longest prompt + output, in tokens (default 2048)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: every core)")
+    p.add_argument("--streaming", default=None,
+                   help="expert cache policy: hebf, hebf-no-prefetch, lru or on-demand (default: hebf, "
+                        "without prefetch below 4 cores)")
     p.add_argument("--gpu-memory-budget", default=None,
                    help="with --device cuda: VRAM for dense weights, KV cache and cached experts")
     p.add_argument("--dense-bits", type=int, default=None,
@@ -213,21 +248,20 @@ def _serve(args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"edge-moe: warning: serving on {args.host} without --api-key: anyone who can reach it may "
               "use it", file=sys.stderr)
-    _start_compile(args)
+    options, knobs = _settings(args, serve=True)
+    _start_compile(options)
     from edge_moe.api import load
     from edge_moe.server import serve
 
-    model = load(args.model, memory_budget=args.memory_budget, max_context=args.max_context,
-                 backend=args.backend, drop_page_cache=args.drop_page_cache, device=args.device,
-                 gpu_memory_budget=args.gpu_memory_budget, dense_bits=args.dense_bits,
-                 max_batch=args.max_batch, max_queue=args.max_queue)
+    model = load(args.model, max_queue=args.max_queue, **options)
     if model.memory_plan.budget is not None:
         print(f"[{model.memory_plan.describe()}]", file=sys.stderr)
     name = args.model_name or model.path.name.removesuffix(".emoe")
-    print(f"edge-moe: serving {name} at http://{args.host}:{args.port}/v1 (--max-batch {args.max_batch}); "
+    print(f"edge-moe: serving {name} at http://{args.host}:{args.port}/v1 (--max-batch {model.max_batch}); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     try:
-        serve(model, name, args.host, args.port, args.api_key)
+        defaults = {k: v for k, v in knobs.items() if v is not None}
+        serve(model, name, args.host, args.port, args.api_key, defaults)
     finally:
         model.close()
 

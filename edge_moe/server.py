@@ -108,7 +108,7 @@ def _field(body: dict, name: str, kind, default=None, check=None):
     return value
 
 
-def _options(body: dict, model_id: str) -> dict:
+def _options(body: dict, model_id: str, default_knobs: dict) -> dict:
     """The generation options of a request body, checked: OpenAI's fields and edge-moe's knobs."""
     if body.get("model") not in (None, model_id):
         raise ApiError(404, f"The model '{body['model']}' does not exist; this server serves '{model_id}'",
@@ -125,6 +125,8 @@ def _options(body: dict, model_id: str) -> dict:
                "top_p": _field(body, "top_p", float, 1.0), "seed": _field(body, "seed", int),
                "stop": stop or ()}
     knobs = {k: _field(body, k, float if k == "quality" else int) for k in KNOBS}
+    if all(v is None for v in knobs.values()):  # the server's defaults (--profile) for a request with none
+        knobs.update(default_knobs)
     try:
         check_sampling(options["temperature"], options["top_p"], max_tokens)
         BitRequest.make(**knobs)
@@ -184,8 +186,8 @@ class Generation:
                 "total_tokens": self.prompt_tokens + done}
 
 
-def build_app(model, model_id: str, api_key: str | None = None) -> Starlette:
-    """The ASGI app serving `model` as `model_id`."""
+def build_app(model, model_id: str, api_key: str | None = None, default_knobs: dict | None = None) -> Starlette:
+    """The ASGI app serving `model` as `model_id`; default_knobs: for requests that give none."""
     metrics = Metrics()
     created = int(time.time())
 
@@ -207,7 +209,7 @@ def build_app(model, model_id: str, api_key: str | None = None) -> Starlette:
         try:
             authorized(request)
             body = await body_of(request)
-            options = _options(body, model_id)
+            options = _options(body, model_id, default_knobs or {})
             ids, end_of_turn = _prompt_ids(model, body, chat)
             gen = Generation(model, ids, end_of_turn, options, metrics)
             first = await gen.next()  # refusals (a full queue) still get their status code
@@ -297,9 +299,10 @@ def build_app(model, model_id: str, api_key: str | None = None) -> Starlette:
     return app
 
 
-def serve(model, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
+def serve(model, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          default_knobs: dict | None = None) -> None:
     """Serve until interrupted (uvicorn, one process; the model's batcher runs the requests)."""
     import uvicorn
 
-    uvicorn.run(build_app(model, model_id, api_key), host=host, port=port, log_level="warning",
+    uvicorn.run(build_app(model, model_id, api_key, default_knobs), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=5)
