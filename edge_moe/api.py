@@ -6,7 +6,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -135,14 +135,15 @@ class Model:
                  dense_dtype=None, max_context: int = 2048, prefill_chunk: int = 32,
                  drop_page_cache: bool = False, verify: bool = True, streaming: str | None = None,
                  threads: int | None = None, gpu_memory_budget=None, dense_bits: int | None = None,
-                 resident_forms: bool = True, max_batch: int = 1, max_queue: int = 64):
+                 resident_forms: bool = True, max_batch: int = 1, max_queue: int = 64, trace=None):
         """dense_bits: 4..8 packs the projections and LM head (cpu; default 8): byte or nibble codes at 8
         and 4, nested bit-planes at 5-7; 16 keeps them unpacked (the default on cuda): float32 on the cpu,
         `dense_dtype` on cuda (default bfloat16). threads: the compute threads (default: every core).
         streaming: a name of runtime.moe.STREAMING; default HEBF, with next-layer prefetch where there
         are cores to spare (default_streaming). resident_forms: let the backend keep experts in its
         faster layouts when the cache holds every chunk (False: always the file's planes). max_batch:
-        generations that run together, each with a KV cache of max_context tokens in the plan."""
+        generations that run together, each with a KV cache of max_context tokens in the plan. trace: a
+        runtime.trace.Trace that records load phases, steps, reads, computes and stalls (edge-moe profile)."""
         self.device = _check_device(device)
         self.on_cuda = on_cuda = self.device != "cpu"
         dtype = _dense_dtype(dense_dtype, on_cuda)
@@ -154,8 +155,9 @@ class Model:
         backend = backend or default_backend(on_cuda)
         kernels = get_backend(backend)  # imports numba before the baseline
         self.dense_bits = _dense_bits(dense_bits, on_cuda)
-        # compiled in child processes the first time: LLVM's memory stays out of the budget
-        prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and not on_cuda))
+        self.trace = trace
+        with self._phase("kernels"):  # compiled in child processes the first time: LLVM's memory stays out
+            prepare_kernels(kernel_groups(backend, self.dense_bits, resident_forms and not on_cuda))
         release_code_pages()  # LLVM's code is idle from here (runtime.memory says why this pays)
         baseline = current_rss()
         self.rss = PeakRss()
@@ -174,10 +176,13 @@ class Model:
         self.memory_plan = self._plan(memory_budget, gpu_memory_budget, dense_bytes, baseline).decide(
             speculative, keep, resident_forms and not on_cuda)
         place = self._to_device(dtype) if on_cuda else None
-        dense = dense_weights(self.container, self.dense_bits, kernels, place)
-        trim_heap()
-        self.cache = self._cache(kernels, eviction)
+        with self._phase("dense weights"):
+            dense = dense_weights(self.container, self.dense_bits, kernels, place)
+            trim_heap()
+        with self._phase("expert cache"):
+            self.cache = self._cache(kernels, eviction)
         self.reader = Reader(self.container, self.cache, verify=verify)
+        self.reader.trace = trace
         if self.memory_plan.fill:
             self.reader.fill()
         routers = {li: dense[f"layers.{li}.router"] for li in cfg.moe_layers}
@@ -185,11 +190,16 @@ class Model:
         self.pipeline = MoePipeline(cfg, self.cache, self.reader, kernels, routers, ops.route,
                                     prefetch=speculative, keep=keep)
         self.decoder = Decoder(cfg, dense, self.pipeline, ops)
+        self.pipeline.trace = trace
         self.stats: dict = {}
         self._step_lock = threading.Lock()  # one forward at a time: the kernels' thread pool is shared
         self.batcher = Batcher(self._forward_many, self.max_batch, max_queue, self.prefill_chunk)
+        self.batcher.trace = trace
         self._calls = 0  # calls in flight: a request's peak RSS restarts only when none is
         self._warned_degraded = False
+
+    def _phase(self, name: str):
+        return self.trace.phase(name) if self.trace is not None else nullcontext()
 
     def _to_device(self, dtype):
         """cuda: each dense tensor to the GPU as it is read, bf16 ones in `dtype` (routers stay float32)."""

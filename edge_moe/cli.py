@@ -205,11 +205,48 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", default=None, help="the model's id in the API (default: the file's name)")
     _model_flags(v)
     v.set_defaults(func=_serve)
+    f = sub.add_parser("profile", help="run a workload and write its memory timeline, trace and summary")
+    f.add_argument("model", nargs="?", default=None, help=".emoe file (default: the demo model)")
+    f.add_argument("--out", required=True,
+                   help="folder for trace.json, summary.md and .json, memory.png, experts.png")
+    f.add_argument("--prompt", default=None, help="the workload's prompt (default: a short code prompt)")
+    f.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    f.add_argument("--max-tokens", type=int, default=64)
+    for flag in ("--bits", "--min-bits", "--max-bits"):
+        f.add_argument(flag, type=int, default=None, help=f"as for run's {flag}")
+    f.add_argument("--quality", type=float, default=None, help="as for run's --quality")
+    _model_flags(f)
+    f.set_defaults(func=_profile)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
     i.set_defaults(func=_inspect)
     return p
+
+
+def _profile(args) -> None:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give --prompt or --prompt-file, not both")
+    prompt = args.prompt if args.prompt is not None else "def fibonacci(n):\n    "
+    if args.prompt_file is not None:
+        try:
+            prompt = open(args.prompt_file).read()
+        except OSError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    options, knobs = _settings(args)
+    from edge_moe.runtime.bit_policy import BitRequest
+    from edge_moe.runtime.sampling import check_sampling
+
+    check_sampling(0.0, 1.0, args.max_tokens)
+    BitRequest.make(**knobs)
+    _start_compile(options)
+    from edge_moe.profiling import profile
+
+    s = profile(args.model, args.out, prompt, args.max_tokens, knobs, **options)
+    print(open(f"{args.out}/summary.md").read(), end="")
+    written = ["trace.json", "summary.md", "summary.json", *s["plots"]]
+    note = "" if s["plots"] else " (no plots: pip install matplotlib, or the 'plots' extra)"
+    print(f"wrote {', '.join(written)} to {args.out}{note}", file=sys.stderr)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:

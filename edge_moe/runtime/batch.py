@@ -11,6 +11,7 @@ decode here). A request's generator waits for its tokens; closing it leaves the 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class Batcher:
         self.closed = False
         self.stepping = False  # a caller is stepping (max_batch 1)
         self.thread: threading.Thread | None = None
+        self.trace = None  # a runtime.trace.Trace records each step (edge-moe profile)
 
     @property
     def depth(self) -> int:
@@ -162,11 +164,16 @@ class Batcher:
         feeds = [r.feed(self.prefill_chunk) for r in batch]
         rows = tuple((len(f), r.knobs) for f, r in zip(feeds, batch, strict=True))
         call = Call(batch[0].knobs, RunStats(), rows=rows)
+        t0 = time.perf_counter()
         try:
             logits = self.forward([(f, r.cache) for f, r in zip(feeds, batch, strict=True)], call)
             error = None
         except BaseException as e:  # noqa: B036 (handed on, whatever it is)
             error = e
+        if self.trace is not None:
+            prefill = sum(len(f) for f, r in zip(feeds, batch, strict=True) if r.fed < len(r.prompt))
+            self.trace.span("prefill" if prefill else "decode", "step", t0, time.perf_counter(),
+                            requests=len(batch), tokens=sum(len(f) for f in feeds), prompt_tokens=prefill)
         with self.cond:
             self.steps += 1
             for i, (r, f) in enumerate(zip(batch, feeds, strict=True)):

@@ -164,6 +164,7 @@ class MoePipeline:
         self.cfg, self.cache, self.reader, self.backend = cfg, cache, reader, backend
         self.prefetch, self.keep = prefetch, keep
         self.routers, self.gate = routers, route
+        self.trace = None  # a runtime.trace.Trace records computes and stalls (edge-moe profile)
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:], strict=False))
 
     def route(self, weights, experts, call: Call) -> Routing:
@@ -213,7 +214,10 @@ class MoePipeline:
         if all(h is None for h in held):
             t0, k = time.perf_counter(), pending[0]
             held[0] = self.reader.wait_for(lease.layer, int(e[k]), int(must[k]), int(target[k]))
-            call.stats.stall_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            call.stats.stall_s += t1 - t0
+            if self.trace is not None:
+                self.trace.span("stall", "io", t0, t1, layer=lease.layer, expert=int(e[k]))
         ready = [k for k, h in zip(pending, held, strict=True) if h is not None]
         return ready, [k for k, h in zip(pending, held, strict=True) if h is None]
 
@@ -229,7 +233,7 @@ class MoePipeline:
         """One kernel call over the experts idx (None: all, in routing order); an expert's pairs split by
         width, each capped by the levels it holds. `resident`: chunks held when acquired, for the stats
         (None: every expert held its bits: a ready lease)."""
-        units, bits, ptr, tokens, weights, forms = _entries(lease, routing, idx)
+        units, bits, ptr, tokens, weights, forms, experts = _entries(lease, routing, idx)
         if resident is None and len(bits) == len(routing.experts):
             call.stats.record_resident(bits)  # one pair per expert, all hits: one numba call
         else:
@@ -240,7 +244,11 @@ class MoePipeline:
         form = {"form": forms} if self.cache.forms is not None else {}
         y = self.backend.moe_ffn_units(self.cache.layout, self.cache.arena.data, units, bits, x, ptr, tokens,
                                        weights, **form)
-        call.stats.expert_compute_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        call.stats.expert_compute_s += t1 - t0
+        if self.trace is not None:
+            self.trace.span("experts", "compute", t0, t1, layer=lease.layer, entries=len(bits))
+            self.trace.used(lease.layer, experts, bits, np.diff(ptr))
         return y
 
     def _prefetch(self, layer: int, x, call: Call) -> None:
@@ -256,11 +264,12 @@ class MoePipeline:
 
 def _entries(lease: Lease, routing: Routing, idx: np.ndarray | None):
     """The kernel's entries for experts idx (None: all, in routing order): (units [N, 8], bits [N], ptr
-    [N + 1], tokens, weights, forms [N]), one entry per (expert, width), each pair's width capped by
-    the chunks its expert holds."""
+    [N + 1], tokens, weights, forms [N], expert ids [N]), one entry per (expert, width), each pair's
+    width capped by the chunks its expert holds."""
     if idx is None and len(routing.tokens) == len(routing.experts):  # one pair per expert, all held
-        return lease.units, routing.bits, routing.ptr, routing.tokens, routing.weights, lease.forms
-    units, bits, ptr, pairs, forms = [], [], [0], [], []
+        return (lease.units, routing.bits, routing.ptr, routing.tokens, routing.weights, lease.forms,
+                routing.experts)
+    units, bits, ptr, pairs, forms, experts = [], [], [0], [], [], []
     for k in (range(len(routing.experts)) if idx is None else idx.tolist()):
         span = np.arange(routing.ptr[k], routing.ptr[k + 1])
         used = np.minimum(routing.bits[span], lease.held[k])
@@ -268,12 +277,13 @@ def _entries(lease: Lease, routing: Routing, idx: np.ndarray | None):
             sel = span[used == b]
             units.append(lease.units[k])
             forms.append(lease.forms[k])
+            experts.append(int(routing.experts[k]))
             bits.append(b)
             pairs.append(sel)
             ptr.append(ptr[-1] + len(sel))
     pairs = np.concatenate(pairs)
     return (np.stack(units), np.array(bits, np.int64), np.array(ptr, np.int64), routing.tokens[pairs],
-            routing.weights[pairs], np.array(forms, np.int8))
+            routing.weights[pairs], np.array(forms, np.int8), np.array(experts, np.int64))
 
 
 def _record(stats: RunStats, lease: Lease, routing: Routing, idx: np.ndarray, resident: np.ndarray) -> None:

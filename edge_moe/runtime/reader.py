@@ -65,6 +65,7 @@ class Reader:
         self._verified = np.zeros((*cache.held.shape, MAX_BITS), dtype=bool)
         self._row = {layer: i for i, layer in enumerate(cache.layers)}
         self.bytes_read, self.read_seconds, self.failed = 0, 0.0, None
+        self.trace = None  # a runtime.trace.Trace records each read (edge-moe profile)
         self.blocked = False  # a must read waits for pinned experts to be released
         self._busy = False
         self._stop = False
@@ -173,10 +174,15 @@ class Reader:
             t0 = time.perf_counter()
             seen = self._verified[self._row[layer], expert]
             verify = self.verify and not seen[first:target].all()
-            self.bytes_read += cache.arena.load(self.container, layer, expert, first, target,
-                                                units, cache.layout.chunk_sizes, verify)
+            n = cache.arena.load(self.container, layer, expert, first, target, units, cache.layout.chunk_sizes,
+                                 verify)
+            self.bytes_read += n
             seen[first:target] = True
-            self.read_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.read_seconds += t1 - t0
+            if self.trace is not None:
+                self.trace.span("read", "io", t0, t1, layer=layer, expert=expert, bytes=n,
+                                chunks=f"{first}..{target - 1}")
             cache.commit(layer, expert, first, units)
         with self._cv:
             self._tried[(layer, expert)] = max(self._tried.get((layer, expert), 0), target)
