@@ -114,7 +114,8 @@ class Batcher:
         runs the step when no one else is."""
         while True:
             with self.cond:
-                while not req.ready and not req.done and (self.thread is not None or self.stepping):
+                while not req.ready and not req.done and not self.closed and (
+                        self.thread is not None or self.stepping):
                     self.cond.wait()
                 if req.ready:
                     return req.ready.popleft()
@@ -122,6 +123,8 @@ class Batcher:
                     raise req.error
                 if req.done:
                     return None
+                if self.closed:
+                    raise BusyError("the model was closed while this request ran")
                 self.stepping = True
                 self._admit()
                 batch = list(self.active)

@@ -56,3 +56,13 @@ def test_the_plan_holds_a_kv_cache_per_batch_slot():
     with edge_moe.load(max_batch=1) as one, edge_moe.load(max_batch=3) as three:
         assert three.memory_plan.kv_cache == 3 * one.memory_plan.kv_cache
         assert three.memory_plan.activations > one.memory_plan.activations
+
+
+def test_closing_the_model_ends_a_waiting_stream():
+    m = edge_moe.load(max_batch=2)
+    stream = m.generate_ids(m.encode(PROMPTS[0]), max_tokens=500)
+    next(stream)
+    m.close()
+    with pytest.raises(BusyError, match="closed"):
+        for _ in range(500):  # tokens already sampled may come first
+            next(stream)
