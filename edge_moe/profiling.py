@@ -26,7 +26,7 @@ def profile(model, out: str | Path, prompt: str, max_tokens: int = 64, knobs: di
     sampler = Sampler(trace, interval)
     try:
         with load(model, trace=trace, **options) as m:
-            sampler.io = lambda: (int(m.cache.evictions.sum()), m.reader.bytes_read)
+            sampler.io = lambda: (int(m.cache.evictions.sum()), m.reader.bytes_read, m.cache.bytes_by_chunk())
             ids = m.encode(prompt)
             list(m.generate_ids(ids, max_tokens=max_tokens, **(knobs or {})))
             summary = _summary(trace, m)

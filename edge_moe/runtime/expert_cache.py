@@ -105,6 +105,12 @@ class ExpertCache:
         """Every expert of the layer holds at least `bits` chunks."""
         return bool((self._held[self._row[layer]] >= bits).all())
 
+    def bytes_by_chunk(self) -> np.ndarray:
+        """Cache bytes holding each chunk index [MAX_BITS] (chunks 0 and 1 are the 2-bit base)."""
+        with self._lock:
+            held = np.bincount(self._held.ravel(), minlength=MAX_BITS + 1)  # experts by chunks held
+        return held[::-1].cumsum()[::-1][1:] * self.layout.unit_bytes  # chunk c: experts holding > c
+
     def resident_bytes(self) -> int:
         return int(self._held.sum()) * self.layout.unit_bytes
 

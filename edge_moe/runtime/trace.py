@@ -16,7 +16,7 @@ class Trace:
     def __init__(self):
         self.t0 = time.perf_counter()
         self.spans: list[tuple] = []  # (name, category, thread, start, end, args)
-        self.samples: list[tuple] = []  # (time, rss, hwm, evictions, bytes read)
+        self.samples: list[tuple] = []  # (time, rss, hwm, evictions, bytes read, cache bytes by chunk)
         self.uses: Counter = Counter()  # (layer, expert, bits) -> (token, expert) pairs
 
     def span(self, name: str, cat: str, start: float, end: float, **args) -> None:
@@ -46,23 +46,29 @@ class Trace:
             events.append({"name": name, "cat": cat, "ph": "X", "pid": 1, "tid": tid,
                            "ts": round((start - self.t0) * 1e6, 1), "dur": round((end - start) * 1e6, 1),
                            "args": args})
-        for t, rss, hwm, evictions, read in self.samples:
+        for t, rss, hwm, evictions, read, by_chunk in self.samples:
             ts = round((t - self.t0) * 1e6, 1)
             events.append({"name": "memory", "ph": "C", "pid": 1, "ts": ts,
                            "args": {"rss_mb": rss / 1e6, "high_water_mb": hwm / 1e6}})
             events.append({"name": "expert I/O", "ph": "C", "pid": 1, "ts": ts,
                            "args": {"bytes_read_mb": read / 1e6, "chunks_evicted": evictions}})
+            if len(by_chunk):  # the cache's bytes by level: the 2-bit base, then each bit above it
+                levels = {"2-bit base": by_chunk[0] + by_chunk[1]}
+                levels.update({f"bit {c + 1}": by_chunk[c] for c in range(2, len(by_chunk))})
+                events.append({"name": "expert cache MB", "ph": "C", "pid": 1, "ts": ts,
+                               "args": {k: int(v) / 1e6 for k, v in levels.items()}})
         events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": thread}}
                    for thread, tid in tids.items()]
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
 class Sampler:
-    """A thread that appends (time, RSS, VmHWM, chunks evicted, bytes read) to trace.samples every
-    `interval` seconds until stopped; `io()` -> (evictions, bytes read) is asked once the model exists."""
+    """A thread that appends (time, RSS, VmHWM, chunks evicted, bytes read, cache bytes by chunk) to
+    trace.samples every `interval` seconds until stopped; `io()` gives the last three once the model
+    exists."""
 
     def __init__(self, trace: Trace, interval: float = 0.005):
-        self.trace, self.interval, self.io = trace, interval, lambda: (0, 0)
+        self.trace, self.interval, self.io = trace, interval, lambda: (0, 0, ())
         self._stop = threading.Event()
         self._statm = os.open("/proc/self/statm", os.O_RDONLY)
         self._page = os.sysconf("SC_PAGE_SIZE")

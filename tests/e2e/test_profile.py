@@ -24,7 +24,9 @@ def test_profile_writes_trace_summary_and_plots(tmp_path):
     assert {"MainThread", "edge-moe-reader"} <= threads
     spans = {e["name"] for e in events if e["ph"] == "X"}
     assert {"kernels", "dense weights", "prefill", "decode", "read", "experts"} <= spans
-    assert {"memory", "expert I/O"} <= {e["name"] for e in events if e["ph"] == "C"}
+    assert {"memory", "expert I/O", "expert cache MB"} <= {e["name"] for e in events if e["ph"] == "C"}
+    cache = [e["args"] for e in events if e["name"] == "expert cache MB"]
+    assert cache[-1]["2-bit base"] > 0 and set(cache[-1]) == {"2-bit base", *(f"bit {b}" for b in range(3, 9))}
     assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
     s = json.loads((out / "summary.json").read_text())
     assert s["samples"] > 10 and abs(s["peak_rss_sampled"] - s["vm_hwm"]) <= 0.02 * s["vm_hwm"]
