@@ -217,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quality", type=float, default=None, help="as for run's --quality")
     _model_flags(f)
     f.set_defaults(func=_profile)
+    d = sub.add_parser("device-profile", help="measure this machine and write a device profile (.yaml)")
+    d.add_argument("model", nargs="?", default=None, help=".emoe file whose expert shapes are timed (default: "
+                                                         "the demo model)")
+    d.add_argument("--out", required=True, help="the profile file to write")
+    d.set_defaults(func=_device_profile)
     i = sub.add_parser("inspect", help="architecture, parameter counts and bytes per bit width")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
@@ -247,6 +252,21 @@ def _profile(args) -> None:
     written = ["trace.json", "summary.md", "summary.json", *s["plots"]]
     note = "" if s["plots"] else " (no plots: pip install matplotlib, or the 'plots' extra)"
     print(f"wrote {', '.join(written)} to {args.out}{note}", file=sys.stderr)
+
+
+def _device_profile(args) -> None:
+    from edge_moe.measure import measure, write_profile
+    from edge_moe.runtime.profiles import load_profile
+
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a directory; give the profile file's name")
+    fields = measure(args.model, progress=lambda text: print(f"edge-moe: {text}", file=sys.stderr, flush=True))
+    write_profile(fields, args.out)
+    load_profile(args.out)  # what it wrote reads back as a valid profile
+    costs = fields["costs"]
+    print(f"wrote {args.out}: memory reads {costs['dram_read_gb_s']} GB/s, expert reads "
+          f"{costs['disk_read_mb_s']} MB/s buffered and {costs['disk_direct_read_mb_s']} MB/s direct, one "
+          f"expert at 4 bits {costs['expert_ms'][4]} ms")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:

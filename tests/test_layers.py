@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge_moe"
 RANK = {"errors": 0, "config": 0, "format": 1, "kernels": 2, "model": 3, "runtime": 4, "convert": 5,
-        "api": 6, "server": 6, "profiling": 6, "cli": 7, "__init__": 7}
+        "api": 6, "server": 6, "profiling": 6, "measure": 6, "cli": 7, "__init__": 7}
 
 
 def layer_of(module: str) -> str:

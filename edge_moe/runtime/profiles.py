@@ -11,12 +11,14 @@ import yaml
 
 from edge_moe.config import DENSE_BITS, parse_size
 from edge_moe.errors import EdgeMoeError, UsageError
+from edge_moe.format.nested import BASE_BITS, MAX_BITS
 from edge_moe.runtime.bit_policy import BitRequest
 from edge_moe.runtime.moe import STREAMING
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "data" / "profiles"
 KNOBS = ("bits", "quality", "min_bits", "max_bits")
-COSTS = ("dram_read_gb_s", "disk_read_mb_s", "disk_direct_read_mb_s")  # measured on the device; optional
+RATES = ("dram_read_gb_s", "disk_read_mb_s", "disk_direct_read_mb_s")  # measured on the device; optional
+COSTS = (*RATES, "expert_ms", "expert_model")  # and one token through one expert, ms by width, of a model
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,18 @@ def _knobs(knobs) -> dict:
 
 
 def _costs(costs) -> dict:
-    if not isinstance(costs, dict) or set(costs) - set(COSTS) or any(
-            type(v) not in (int, float) or not math.isfinite(v) or v <= 0 for v in costs.values()):
-        raise _Bad("costs", f"must map some of {', '.join(COSTS)} to positive numbers")
+    if not isinstance(costs, dict) or set(costs) - set(COSTS) or not all(
+            _positive(costs[k]) for k in RATES if k in costs):
+        raise _Bad("costs", f"must map some of {', '.join(RATES)} to positive numbers (and expert_ms, "
+                            "expert_model)")
+    per_width = costs.get("expert_ms", {})
+    if not isinstance(per_width, dict) or not all(
+            type(b) is int and BASE_BITS <= b <= MAX_BITS and _positive(v) for b, v in per_width.items()):
+        raise _Bad("costs", f"expert_ms must map widths {BASE_BITS}..{MAX_BITS} to positive milliseconds")
+    if not isinstance(costs.get("expert_model", ""), str):
+        raise _Bad("costs", "expert_model must be the measured model's file name")
     return dict(costs)
+
+
+def _positive(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v > 0
