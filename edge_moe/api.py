@@ -261,19 +261,14 @@ class Model:
         return self.tokenizer.encode(text).ids
 
     def _forward(self, ids: list[int], kv, call: Call, all_logits: bool = False) -> np.ndarray:
-        with self._step_lock:
-            if self._set_threads:
-                self._set_threads()
-            out = self.decoder.forward(ids, kv, call, all_logits)
-            self.rss.sample()
-            return out
+        return self._forward_many([(ids, kv)], call, all_logits)
 
-    def _forward_many(self, seqs: list, call: Call) -> np.ndarray:
-        """One batched step (runtime.batch): the last logits of each sequence [len(seqs), V]."""
+    def _forward_many(self, seqs: list, call: Call, all_logits: bool = False) -> np.ndarray:
+        """One step over sequences [(ids, kv)] (Decoder.forward_many), one step of the model at a time."""
         with self._step_lock:
             if self._set_threads:
                 self._set_threads()
-            out = self.decoder.forward_many(seqs, call)
+            out = self.decoder.forward_many(seqs, call, all_logits)
             self.rss.sample()
             return out
 

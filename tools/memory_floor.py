@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from make_synthetic_checkpoint import MODELS  # noqa: E402
 
@@ -23,24 +21,11 @@ from edge_moe.errors import BudgetError  # noqa: E402
 from edge_moe.format.layout import build_layout  # noqa: E402
 from edge_moe.model.adapters import get_adapter  # noqa: E402
 from edge_moe.model.host_layers import kv_bytes  # noqa: E402
-from edge_moe.model.packed import packed_nbytes, packs  # noqa: E402
-from edge_moe.model.weights import dense_shapes, expert_shapes, qkv_part  # noqa: E402
+from edge_moe.model.load import held_nbytes  # noqa: E402
+from edge_moe.model.weights import dense_shapes, expert_shapes  # noqa: E402
 from edge_moe.runtime.memory import plan_memory  # noqa: E402
 
 PREFILL_CHUNK = 32
-
-
-def dense_bytes(cfg, bits: int) -> int:
-    """What model.load.dense_weights holds, from shapes: q, k and v fused, packed names at `bits`."""
-    fused: dict[str, list[tuple[int, ...]]] = {}
-    for name, shape in dense_shapes(cfg).items():
-        part = qkv_part(name)
-        fused.setdefault(part[0] if part else name, []).append(shape)
-    total = 0
-    for name, shapes in fused.items():
-        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-        total += packed_nbytes(shape, bits) if bits < 16 and packs(name) else int(np.prod(shape)) * 4
-    return total
 
 
 def floor(cfg, dense: int, kv: int, unit_bytes: int, max_context: int, baseline: int) -> int:
@@ -67,7 +52,7 @@ def main() -> None:
     for name, hf in MODELS.items():
         cfg = get_adapter(hf["model_type"]).config(hf)
         layout = build_layout(expert_shapes(cfg), "msb", 128)
-        dense, kv = dense_bytes(cfg, args.dense_bits), kv_bytes(cfg, args.max_context)
+        dense, kv = held_nbytes(dense_shapes(cfg), 4, args.dense_bits), kv_bytes(cfg, args.max_context)
         experts = len(cfg.moe_layers) * cfg.num_experts * layout.bytes_for_bits(4)
         need = floor(cfg, dense, kv, layout.unit_bytes, args.max_context, parse_size(args.baseline))
         print(f"| {name} | " + " | ".join(format_size(n) for n in (dense, kv, experts, need)) + " |")

@@ -106,10 +106,10 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _fused_names(container: Container) -> dict[str, list[str]]:
+def _fused_names(names) -> dict[str, list[str]]:
     """Each tensor the model holds and the file tensors it is made of (a layer's q, k, v: one qkv)."""
     fused: dict[str, list[str]] = {}
-    for name in container.manifest["dense"]:
+    for name in names:
         part = qkv_part(name)
         fused.setdefault(part[0] if part else name, []).append(name)
     return fused
@@ -117,9 +117,15 @@ def _fused_names(container: Container) -> dict[str, list[str]]:
 
 def dense_nbytes(container: Container, itemsize: int, bits: int) -> int:
     """What dense_weights will hold, from the manifest alone (the plan is made before the first weight)."""
-    total, dense = 0, container.manifest["dense"]
-    for name, parts in _fused_names(container).items():
-        shape = [sum(dense[p]["shape"][0] for p in parts), *dense[parts[0]]["shape"][1:]]
+    return held_nbytes({name: e["shape"] for name, e in container.manifest["dense"].items()}, itemsize, bits)
+
+
+def held_nbytes(shapes: dict, itemsize: int, bits: int) -> int:
+    """Bytes of dense tensors of these file shapes as dense_weights holds them (q, k, v fused; packed at
+    bits < 16; routers float32, the rest `itemsize` bytes a value)."""
+    total = 0
+    for name, parts in _fused_names(shapes).items():
+        shape = [sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:]]
         numel = int(np.prod(shape))
         if bits < 16 and packs(name):
             total += packed_nbytes((shape[0], shape[1]), bits)
@@ -134,7 +140,7 @@ def dense_weights(container: Container, bits: int, backend, place=None) -> dict:
     decides everything downstream. With bits < 16 the embedding, projections and LM head are packed as
     they are read, a block of rows at a time. A layer's q, k and v (and their biases) become one `qkv`."""
     out = {}
-    for name, parts in _fused_names(container).items():
+    for name, parts in _fused_names(container.manifest["dense"]).items():
         if len(parts) not in (1, 3):
             raise FormatError(f"{container.path}: {name} lacks one of q, k and v")
         parts = sorted(parts, key=lambda p: qkv_part(p)[1]) if len(parts) == 3 else parts

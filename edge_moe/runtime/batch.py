@@ -41,7 +41,6 @@ class Request:
     ready: deque = field(default_factory=deque)  # tokens sampled, not yet taken
     done: bool = False
     error: BaseException | None = None
-    prefill_s: float = 0.0  # time until the first token
 
     def feed(self, chunk: int) -> list[int]:
         """The tokens this request runs in the next step."""

@@ -144,7 +144,7 @@ class PeakRss:
     def __init__(self, interval: float = 0.005):
         self.interval = interval
         self._hwm = _has_hwm()
-        self._statm = _Statm.open()
+        self._statm = Statm.open()
         self._process = current_rss()  # the sampler's process peak (no VmHWM)
         self._mark, self._sampled = self.process_peak, current_rss()
         self._stop = threading.Event()
@@ -162,7 +162,7 @@ class PeakRss:
     @property
     def process_peak(self) -> int:
         """Peak RSS since the process started."""
-        return _read_hwm() if self._hwm else self._process
+        return read_hwm() if self._hwm else self._process
 
     @property
     def peak(self) -> int:
@@ -188,7 +188,8 @@ class PeakRss:
         return self.peak
 
 
-def _read_hwm() -> int:
+def read_hwm() -> int:
+    """The kernel's high-water mark of this process's RSS (VmHWM), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -199,14 +200,14 @@ def _read_hwm() -> int:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-class _Statm:
+class Statm:
     """/proc/self/statm kept open: its resident pages read with one pread (no open/close per step)."""
 
     def __init__(self, fd: int):
         self.fd = fd
 
     @classmethod
-    def open(cls) -> _Statm | None:
+    def open(cls) -> Statm | None:
         try:
             return cls(os.open("/proc/self/statm", os.O_RDONLY))
         except OSError:
@@ -221,7 +222,7 @@ class _Statm:
 
 def _has_hwm() -> bool:
     try:
-        return _read_hwm() > 0
+        return read_hwm() > 0
     except OSError:
         return False
 

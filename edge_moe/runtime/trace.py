@@ -3,11 +3,12 @@ reads, computes, stalls), which experts ran at which widths, and the process's R
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+
+from edge_moe.runtime.memory import Statm, read_hwm
 
 
 class Trace:
@@ -70,16 +71,12 @@ class Sampler:
     def __init__(self, trace: Trace, interval: float = 0.005):
         self.trace, self.interval, self.io = trace, interval, lambda: (0, 0, ())
         self._stop = threading.Event()
-        self._statm = os.open("/proc/self/statm", os.O_RDONLY)
-        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._statm = Statm.open()
         self.thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self.thread.start()
 
     def sample(self) -> None:
-        rss = int(os.pread(self._statm, 128, 0).split()[1]) * self._page
-        with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        self.trace.samples.append((time.perf_counter(), rss, hwm, *self.io()))
+        self.trace.samples.append((time.perf_counter(), self._statm.rss(), read_hwm(), *self.io()))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -89,4 +86,4 @@ class Sampler:
         self._stop.set()
         self.thread.join()
         self.sample()
-        os.close(self._statm)
+        self._statm.close()

@@ -51,8 +51,8 @@ def wait_idle(model, seconds: float = 10) -> None:
 
 
 def test_client_leaving_mid_stream_frees_its_slot(server):
-    """Generation is pulled by the stream: a closed connection ends it long before its 1000 tokens
-    (about a second of decoding here)."""
+    """A closed connection ends the request long before its 1000 tokens (about a second of decoding
+    here)."""
     metrics = server.app.state.metrics
     before = metrics.completion_tokens
     body = json.dumps({**GOOD, "max_tokens": 1000, "stream": True})
